@@ -1,0 +1,47 @@
+"""The DINO/iBOT projection head (spec §2): MLP -> L2 norm -> weight-normalised prototypes."""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dinov2_jax.models.vit import dense_init, torch_default_uniform
+
+
+class WeightNormPrototypes(nn.Module):
+    """Linear(bottleneck -> K, no bias) with W = g * V / ||V|| per prototype.
+
+    `weight_v` is (bottleneck, K), `weight_g` is (K,); g is trainable, as in DINOv2.
+    """
+    num_prototypes: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        bottleneck = x.shape[-1]
+        weight_v = self.param("weight_v", torch_default_uniform(bottleneck),
+                              (bottleneck, self.num_prototypes))
+        weight_g = self.param("weight_g", nn.initializers.ones, (self.num_prototypes,))
+        weight_v = weight_v.astype(jnp.float32)
+        kernel = weight_v * (weight_g / jnp.linalg.norm(weight_v, axis=0))
+        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class DINOHead(nn.Module):
+    """`nlayers` Dense layers with exact GELU between them, L2 normalisation, prototypes."""
+    out_dim: int
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        widths = [self.hidden_dim] * (self.nlayers - 1) + [self.bottleneck_dim]
+        for i, width in enumerate(widths):
+            x = nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name=f"mlp_{i}")(x)
+            if i < len(widths) - 1:
+                x = jax.nn.gelu(x, approximate=False)
+        x = x.astype(jnp.float32)
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        return WeightNormPrototypes(self.out_dim, self.dtype, name="last_layer")(x)

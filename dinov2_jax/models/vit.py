@@ -1,0 +1,393 @@
+"""The DINOv2 Vision Transformer (spec §1) in Flax Linen.
+
+Patch embedding, cls/register/mask tokens, position-embedding interpolation exactly as the
+reference, pre-norm blocks (attention, Mlp or SwiGLU, LayerScale) scanned with `nn.scan` and
+rematerialised with `nn.remat`, drop path with the batch-subset trick at static shapes, and
+outputs as a dict of named intermediates. A list of image batches (the student's global and
+local crops) runs as token groups through the same scanned blocks.
+"""
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dinov2_jax.models import attention
+
+# Sizes of the reference constructors (spec §1.1).
+ARCHS = {
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24),
+}
+
+# The eight torch.hub backbones (spec §1.8): construction size 518, LayerScale 1.0.
+_HUB_BASE = {"vits14": "vit_small", "vitb14": "vit_base", "vitl14": "vit_large", "vitg14": "vit_giant2"}
+HUB_MODELS = {}
+for _name, _arch in _HUB_BASE.items():
+    _common = dict(arch=_arch, patch_size=14, img_size=518, layerscale=1.0,
+                   ffn_layer="swiglu" if _arch == "vit_giant2" else "mlp")
+    HUB_MODELS[_name] = dict(_common, num_register_tokens=0, interpolate_offset=0.1,
+                             interpolate_antialias=False)
+    HUB_MODELS[_name + "_reg"] = dict(_common, num_register_tokens=4, interpolate_offset=0.0,
+                                      interpolate_antialias=True)
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+# Initialisers of the reference (spec §1.5). torch's trunc_normal_ cuts at +-2 absolute,
+# i.e. +-100 sigma for std 0.02, so a plain normal has the same distribution.
+dense_init = nn.initializers.normal(0.02)
+
+
+def torch_default_uniform(fan_in):
+    """PyTorch's default Linear/Conv init: U(+-1/sqrt(fan_in)), for weights and biases."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def swiglu_hidden_dim(embed_dim, mlp_ratio):
+    """Hidden width of the reference SwiGLU: 2/3 of the mlp width, rounded up to 8."""
+    hidden = int(embed_dim * mlp_ratio)
+    return ((int(hidden * 2 / 3) + 7) // 8) * 8
+
+
+# --------------------------------------------------------------------------------------------
+# Position-embedding interpolation (spec §1.3).
+
+
+def _keys_cubic_matrix(out_size, in_size, inv_scale, a=-0.75):
+    """(out, in) weights of torch's bicubic (align_corners=False, no antialias).
+
+    Keys cubic with A=-0.75, taps floor(src)-1..floor(src)+2 clamped to the edges, and source
+    coordinate src = (dst + 0.5) * inv_scale - 0.5.
+    """
+    matrix = np.zeros((out_size, in_size), np.float64)
+    for dst in range(out_size):
+        src = (dst + 0.5) * inv_scale - 0.5
+        floor = math.floor(src)
+        t = src - floor
+        weights = (
+            ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+            ((a + 2) * t - (a + 3)) * t * t + 1,
+            ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+            ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
+        )
+        for tap, weight in zip(range(floor - 1, floor + 3), weights):
+            matrix[dst, min(max(tap, 0), in_size - 1)] += weight
+    return matrix
+
+
+def interpolate_pos_embed(pos_embed, grid_h, grid_w, *, offset, antialias, square_input=True):
+    """Resamples a (1, 1+M*M, D) table to a (grid_h, grid_w) patch grid like the reference.
+
+    The table is returned unchanged when the grid is the table's own and the input is square.
+    `offset` != 0 samples with scale (grid + offset) / M (the reference's scale_factor path);
+    `antialias` is the PIL-style filter of the register models. Computed in float32.
+    """
+    num_table = pos_embed.shape[1] - 1
+    side = int(math.sqrt(num_table))
+    if side * side != num_table:
+        raise ValueError(f"pos_embed has {num_table} patch positions, not a square grid")
+    if grid_h * grid_w == num_table and square_input:
+        return pos_embed
+    cls_pos = pos_embed[:, :1]
+    table = pos_embed[0, 1:].astype(jnp.float32).reshape(side, side, -1)
+    scale_h = (grid_h + offset) / side if offset else grid_h / side
+    scale_w = (grid_w + offset) / side if offset else grid_w / side
+    if antialias:
+        table = jax.image.scale_and_translate(
+            table, (grid_h, grid_w, table.shape[-1]), (0, 1),
+            jnp.array([scale_h, scale_w], jnp.float32), jnp.zeros(2, jnp.float32),
+            method="bicubic", antialias=True)
+    else:
+        rows = jnp.asarray(_keys_cubic_matrix(grid_h, side, 1 / scale_h), jnp.float32)
+        cols = jnp.asarray(_keys_cubic_matrix(grid_w, side, 1 / scale_w), jnp.float32)
+        table = jnp.einsum("ym,xn,mnd->yxd", rows, cols, table,
+                           precision=jax.lax.Precision.HIGHEST)
+    table = table.reshape(1, grid_h * grid_w, -1).astype(pos_embed.dtype)
+    return jnp.concatenate([cls_pos, table], axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks.
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale `gamma`, initialised to `init_values`."""
+    init_values: float
+
+    @nn.compact
+    def __call__(self, x):
+        gamma = self.param("gamma", nn.initializers.constant(self.init_values), (x.shape[-1],))
+        return x * gamma.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (q|k|v, heads contiguous)."""
+    num_heads: int
+    backend: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, segment_ids=None):
+        batch, length, dim = x.shape
+        qkv = nn.Dense(3 * dim, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
+        qkv = qkv.reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+        out = attention.dot_product_attention(
+            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], segment_ids, backend=self.backend)
+        out = out.reshape(batch, length, dim)
+        return nn.Dense(dim, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> fc2."""
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
+        h = jax.nn.gelu(h, approximate=False)
+        return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init, name="fc2")(h)
+
+
+class SwiGLU(nn.Module):
+    """w12 (gate | value) -> silu(gate) * value -> w3."""
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(2 * self.hidden_dim, dtype=self.dtype, kernel_init=dense_init, name="w12")(x)
+        gate, value = jnp.split(h, 2, axis=-1)
+        return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init, name="w3")(
+            jax.nn.silu(gate) * value)
+
+
+def _drop_path_add(x, branch, rate, rng):
+    """x + branch(x) with the reference's batch-subset stochastic depth.
+
+    Keeps a random subset of S = max(int(b * (1 - rate)), 1) samples, computes the branch on
+    them only, and adds it back scaled by b / S. S is static, so shapes are too.
+    """
+    if rng is None or rate <= 0:
+        return x + branch(x)
+    batch = x.shape[0]
+    keep = max(int(batch * (1 - rate)), 1)
+    kept = jax.random.permutation(rng, batch)[:keep]
+    residual = branch(x[kept]) * jnp.asarray(batch / keep, x.dtype)
+    return x.at[kept].add(residual)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block applied to a tuple of token groups; a `nn.scan` body.
+
+    Each group (e.g. global and local crops) has its own batch and length; they share the
+    weights, and drop path draws an independent subset per group and per branch. Returns the
+    new groups as the scan carry and, when `collect`, also as the scan output.
+    """
+    num_heads: int
+    ffn_layer: str
+    ffn_hidden_dim: int
+    layerscale: float | None
+    drop_path_rate: float
+    attention_backend: str = "auto"
+    dtype: Any = jnp.float32
+    train: bool = False
+    collect: bool = False
+
+    @nn.compact
+    def __call__(self, groups, _):
+        norm1 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")
+        norm2 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")
+        attn = Attention(self.num_heads, self.attention_backend, self.dtype, name="attn")
+        ffn_cls = {"mlp": Mlp, "swiglu": SwiGLU}[self.ffn_layer]
+        ffn = ffn_cls(self.ffn_hidden_dim, self.dtype, name="mlp")
+        if self.layerscale:
+            ls1 = LayerScale(self.layerscale, name="ls1")
+            ls2 = LayerScale(self.layerscale, name="ls2")
+        else:
+            ls1 = ls2 = lambda y: y
+        use_drop = self.train and self.drop_path_rate > 0
+        outputs = []
+        for x in groups:
+            rngs = jax.random.split(self.make_rng("dropout"), 2) if use_drop else (None, None)
+            x = _drop_path_add(x, lambda y: ls1(attn(norm1(y))), self.drop_path_rate, rngs[0])
+            x = _drop_path_add(x, lambda y: ls2(ffn(norm2(y))), self.drop_path_rate, rngs[1])
+            outputs.append(x)
+        outputs = tuple(outputs)
+        return outputs, (outputs if self.collect else None)
+
+
+# --------------------------------------------------------------------------------------------
+# The backbone.
+
+
+class DinoVisionTransformer(nn.Module):
+    """DINOv2 ViT. Call with an image batch (B, H, W, 3) or a list of batches.
+
+    Returns a dict (or a list of dicts for a list input) with `x_norm_clstoken`,
+    `x_norm_regtokens`, `x_norm_patchtokens`, `x_prenorm` and `masks`; with
+    `collect_layers=True` also `layers`, the output of every block (depth, B, T, D).
+    """
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    patch_size: int = 14
+    img_size: int = 224
+    mlp_ratio: float = 4.0
+    ffn_layer: str = "mlp"
+    layerscale: float | None = 1e-5
+    num_register_tokens: int = 0
+    interpolate_offset: float = 0.1
+    interpolate_antialias: bool = False
+    drop_path_rate: float = 0.0
+    remat_policy: str = "none"
+    attention_backend: str = "auto"
+    dtype: Any = jnp.float32
+
+    def _validate(self):
+        if self.ffn_layer not in ("mlp", "swiglu"):
+            raise ValueError(f"ffn_layer must be 'mlp' or 'swiglu', got {self.ffn_layer!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, "
+                             f"got {self.remat_policy!r}")
+
+    def _block_kwargs(self):
+        hidden = (swiglu_hidden_dim(self.embed_dim, self.mlp_ratio) if self.ffn_layer == "swiglu"
+                  else int(self.embed_dim * self.mlp_ratio))
+        return dict(num_heads=self.num_heads, ffn_layer=self.ffn_layer, ffn_hidden_dim=hidden,
+                    layerscale=self.layerscale, drop_path_rate=self.drop_path_rate,
+                    attention_backend=self.attention_backend, dtype=self.dtype)
+
+    def _embedding_params(self):
+        dim, patch = self.embed_dim, self.patch_size
+        grid = self.img_size // patch
+        patch_embed = nn.Conv(
+            dim, (patch, patch), strides=(patch, patch), padding="VALID", dtype=self.dtype,
+            kernel_init=torch_default_uniform(3 * patch * patch),
+            bias_init=torch_default_uniform(3 * patch * patch), name="patch_embed")
+        tokens = dict(
+            cls=self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, dim)),
+            pos=self.param("pos_embed", nn.initializers.normal(0.02), (1, 1 + grid * grid, dim)),
+            mask=self.param("mask_token", nn.initializers.zeros, (1, dim)),
+            registers=(self.param("register_tokens", nn.initializers.normal(1e-6),
+                                  (1, self.num_register_tokens, dim))
+                       if self.num_register_tokens else None))
+        return patch_embed, tokens
+
+    def _prepare_tokens(self, patch_embed, tokens, images, masks):
+        """Patch embed, mask tokens, cls, position embedding, registers: (B, 1+R+N, D)."""
+        batch, height, width, _ = images.shape
+        patch = self.patch_size
+        if height % patch or width % patch:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size "
+                             f"{patch}")
+        x = patch_embed(images.astype(self.dtype)).reshape(batch, -1, self.embed_dim)
+        if masks is not None:
+            x = jnp.where(masks[..., None], tokens["mask"].astype(x.dtype)[None], x)
+        cls = jnp.broadcast_to(tokens["cls"].astype(x.dtype), (batch, 1, self.embed_dim))
+        x = jnp.concatenate([cls, x], axis=1)
+        pos = interpolate_pos_embed(tokens["pos"], height // patch, width // patch,
+                                    offset=self.interpolate_offset,
+                                    antialias=self.interpolate_antialias,
+                                    square_input=height == width)
+        x = x + pos.astype(x.dtype)
+        if tokens["registers"] is not None:
+            registers = jnp.broadcast_to(tokens["registers"].astype(x.dtype),
+                                         (batch, self.num_register_tokens, self.embed_dim))
+            x = jnp.concatenate([x[:, :1], registers, x[:, 1:]], axis=1)
+        return x
+
+    def _blocks(self, groups, train, collect):
+        body = Block
+        if self.remat_policy != "none":
+            body = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+        stack = nn.scan(
+            body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+            length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+        return stack(**self._block_kwargs(), train=train, collect=collect, name="blocks")(
+            groups, None)
+
+    def _outputs(self, norm, x_prenorm, masks, layers):
+        r = self.num_register_tokens
+        x_norm = norm(x_prenorm)
+        out = {
+            "x_norm_clstoken": x_norm[:, 0],
+            "x_norm_regtokens": x_norm[:, 1:1 + r],
+            "x_norm_patchtokens": x_norm[:, 1 + r:],
+            "x_prenorm": x_prenorm,
+            "masks": masks,
+        }
+        if layers is not None:
+            out["layers"] = layers
+        return out
+
+    @nn.compact
+    def __call__(self, images, masks=None, *, train=False, collect_layers=False):
+        self._validate()
+        is_list = isinstance(images, (list, tuple))
+        image_groups = list(images) if is_list else [images]
+        mask_groups = list(masks) if is_list and masks is not None else [masks]
+        if len(mask_groups) != len(image_groups):
+            mask_groups = mask_groups + [None] * (len(image_groups) - len(mask_groups))
+        patch_embed, tokens = self._embedding_params()
+        groups = tuple(self._prepare_tokens(patch_embed, tokens, x, m)
+                       for x, m in zip(image_groups, mask_groups))
+        groups, layers = self._blocks(groups, train, collect_layers)
+        norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")
+        outputs = [self._outputs(norm, x, m, None if layers is None else layers[i])
+                   for i, (x, m) in enumerate(zip(groups, mask_groups))]
+        return outputs if is_list else outputs[0]
+
+
+def build_backbone(arch, **overrides):
+    """A DinoVisionTransformer of a named size (`vit_small`...) or hub model (`vits14_reg`...)."""
+    if arch in HUB_MODELS:
+        kwargs = dict(HUB_MODELS[arch])
+        arch = kwargs.pop("arch")
+    elif arch in ARCHS:
+        kwargs = {}
+    else:
+        raise ValueError(f"unknown arch {arch!r}; expected one of "
+                         f"{sorted(ARCHS) + sorted(HUB_MODELS)}")
+    return DinoVisionTransformer(**{**ARCHS[arch], **kwargs, **overrides})
+
+
+def get_intermediate_layers(model, params, images, n=1, *, reshape=False,
+                            return_class_token=False, norm=True):
+    """The reference's `get_intermediate_layers`: outputs of the last `n` (or listed) blocks.
+
+    Registers are dropped; patches optionally reshaped to (B, H/p, W/p, D) (channels last).
+    """
+    out = model.apply({"params": params}, images, collect_layers=True)
+    layers = out["layers"]
+    indices = range(model.depth - n, model.depth) if isinstance(n, int) else n
+    results = []
+    for index in indices:
+        x = layers[index]
+        if norm:
+            x = nn.LayerNorm(epsilon=1e-6, dtype=model.dtype).apply({"params": params["norm"]}, x)
+        cls, patches = x[:, 0], x[:, 1 + model.num_register_tokens:]
+        if reshape:
+            batch, height, width, _ = images.shape
+            patches = patches.reshape(batch, height // model.patch_size,
+                                      width // model.patch_size, -1)
+        results.append((patches, cls) if return_class_token else patches)
+    return tuple(results)
+
+
+def count_params(params):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
