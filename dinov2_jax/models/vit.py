@@ -89,6 +89,32 @@ def _keys_cubic_matrix(out_size, in_size, inv_scale, a=-0.75):
     return matrix
 
 
+def _keys_kernel(x, a):
+    x = abs(x)
+    if x < 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
+
+
+def _antialias_cubic_matrix(out_size, in_size, inv_scale, a=-0.5):
+    """(out, in) weights of torch's bicubic with antialias=True (a PIL-style filter).
+
+    Keys a=-0.5 stretched by max(inv_scale, 1), support 2*max(inv_scale, 1), normalised.
+    """
+    stretch = max(inv_scale, 1.0)
+    support = 2.0 * stretch
+    matrix = np.zeros((out_size, in_size), np.float64)
+    for dst in range(out_size):
+        center = inv_scale * (dst + 0.5)
+        first = max(int(center - support + 0.5), 0)
+        last = min(int(center + support + 0.5), in_size)
+        taps = [_keys_kernel((j - center + 0.5) / stretch, a) for j in range(first, last)]
+        matrix[dst, first:last] = np.asarray(taps) / np.sum(taps)
+    return matrix
+
+
 def interpolate_pos_embed(pos_embed, grid_h, grid_w, *, offset, antialias, square_input=True):
     """Resamples a (1, 1+M*M, D) table to a (grid_h, grid_w) patch grid like the reference.
 
@@ -106,16 +132,10 @@ def interpolate_pos_embed(pos_embed, grid_h, grid_w, *, offset, antialias, squar
     table = pos_embed[0, 1:].astype(jnp.float32).reshape(side, side, -1)
     scale_h = (grid_h + offset) / side if offset else grid_h / side
     scale_w = (grid_w + offset) / side if offset else grid_w / side
-    if antialias:
-        table = jax.image.scale_and_translate(
-            table, (grid_h, grid_w, table.shape[-1]), (0, 1),
-            jnp.array([scale_h, scale_w], jnp.float32), jnp.zeros(2, jnp.float32),
-            method="bicubic", antialias=True)
-    else:
-        rows = jnp.asarray(_keys_cubic_matrix(grid_h, side, 1 / scale_h), jnp.float32)
-        cols = jnp.asarray(_keys_cubic_matrix(grid_w, side, 1 / scale_w), jnp.float32)
-        table = jnp.einsum("ym,xn,mnd->yxd", rows, cols, table,
-                           precision=jax.lax.Precision.HIGHEST)
+    weights = _antialias_cubic_matrix if antialias else _keys_cubic_matrix
+    rows = jnp.asarray(weights(grid_h, side, 1 / scale_h), jnp.float32)
+    cols = jnp.asarray(weights(grid_w, side, 1 / scale_w), jnp.float32)
+    table = jnp.einsum("ym,xn,mnd->yxd", rows, cols, table, precision=jax.lax.Precision.HIGHEST)
     table = table.reshape(1, grid_h * grid_w, -1).astype(pos_embed.dtype)
     return jnp.concatenate([cls_pos, table], axis=1)
 

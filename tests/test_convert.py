@@ -1,0 +1,175 @@
+"""Weight interop with Hugging Face transformers and timm, both directions, and the CLI.
+
+Each library's own interpolation is mirrored by the backbone's flags (spec export-targets §5):
+HF resizes by size (offset 0) without antialias for Dinov2Model and with antialias for
+registers; timm resizes by size with antialias. Tolerance 1e-4 max abs (fp32, summation order).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dinov2_jax import convert
+from dinov2_jax.models import vit
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+
+def _perturb(module):
+    with torch.no_grad():
+        for value in module.state_dict().values():
+            value.add_(torch.randn_like(value) * 0.02)
+    return module.eval()
+
+
+def _hf_model(registers, swiglu):
+    kwargs = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=518,
+                  patch_size=14, use_swiglu_ffn=swiglu)
+    if registers:
+        config = transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **kwargs)
+        return _perturb(transformers.Dinov2WithRegistersModel(config))
+    return _perturb(transformers.Dinov2Model(transformers.Dinov2Config(**kwargs)))
+
+
+def _ours_like_hf(registers, swiglu):
+    return vit.DinoVisionTransformer(
+        embed_dim=64, depth=2, num_heads=4, patch_size=14, img_size=518, layerscale=1.0,
+        ffn_layer="swiglu" if swiglu else "mlp", num_register_tokens=4 if registers else 0,
+        interpolate_offset=0.0, interpolate_antialias=registers)
+
+
+def _hf_forward(hf, images, masks=None):
+    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        kwargs = {} if masks is None else {"bool_masked_pos": torch.from_numpy(masks)}
+        return hf(pixel_values=pixels, **kwargs).last_hidden_state.numpy()
+
+
+def _compare(out, hidden, registers):
+    np.testing.assert_allclose(np.asarray(out["x_norm_clstoken"]), hidden[:, 0], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out["x_norm_patchtokens"]), hidden[:, 1 + registers:],
+                               atol=1e-4)
+    if registers:
+        np.testing.assert_allclose(np.asarray(out["x_norm_regtokens"]), hidden[:, 1:1 + registers],
+                                   atol=1e-4)
+
+
+@pytest.mark.parametrize("registers,swiglu", [(False, False), (True, False), (False, True)])
+def test_huggingface_import_and_export(tmp_path, registers, swiglu):
+    hf = _hf_model(registers, swiglu)
+    model = _ours_like_hf(registers, swiglu)
+    state = {k: v.numpy() for k, v in hf.state_dict().items()}
+    # HF >= 5 names q/k/v/o_proj in memory; its on-disk format is what users exchange.
+    hf.save_pretrained(tmp_path / "theirs")
+    from safetensors.numpy import load_file
+    on_disk = load_file(str(tmp_path / "theirs" / "model.safetensors"))
+    params = convert.hub_to_params(model, convert.canonicalize(on_disk, model))
+    reg = 4 if registers else 0
+    for height, width, masked in [(224, 224, False), (224, 224, True), (182, 266, False)]:
+        images = np.random.randn(2, height, width, 3).astype(np.float32)
+        masks = (np.random.rand(2, (height // 14) * (width // 14)) < 0.4) if masked else None
+        out = model.apply({"params": params}, jnp.asarray(images),
+                          None if masks is None else jnp.asarray(masks))
+        _compare(out, _hf_forward(hf, images, masks), reg)
+    # Export ours and load with from_pretrained: nothing missing, nothing unexpected.
+    convert.export(model, params, str(tmp_path / "ours"), "hf")
+    cls = transformers.Dinov2WithRegistersModel if registers else transformers.Dinov2Model
+    loaded, info = cls.from_pretrained(str(tmp_path / "ours"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    images = np.random.randn(2, 224, 224, 3).astype(np.float32)
+    _compare(model.apply({"params": params}, jnp.asarray(images)),
+             _hf_forward(loaded.eval(), images), reg)
+    for key, value in state.items():
+        np.testing.assert_array_equal(loaded.state_dict()[key].numpy(), value, err_msg=key)
+
+
+@pytest.mark.parametrize("name,embed_dim", [("vit_small_patch14_dinov2", 64),
+                                            ("vit_small_patch14_reg4_dinov2", 64),
+                                            ("vit_giant_patch14_dinov2", 96)])
+def test_timm_import_and_export(tmp_path, name, embed_dim):
+    registers = 4 if "reg4" in name else 0
+    tm = _perturb(timm.create_model(name, pretrained=False, depth=2, embed_dim=embed_dim,
+                                    num_heads=4, dynamic_img_size=True))
+    model = vit.DinoVisionTransformer(
+        embed_dim=embed_dim, depth=2, num_heads=4, patch_size=14, img_size=518, layerscale=1.0,
+        ffn_layer="swiglu" if "giant" in name else "mlp", num_register_tokens=registers,
+        interpolate_offset=0.0, interpolate_antialias=True)
+    state = {k: v.numpy() for k, v in tm.state_dict().items()}
+    params = convert.hub_to_params(model, convert.canonicalize(state, model))
+    for height, width in [(224, 224), (182, 266), (518, 518)]:
+        images = np.random.randn(2, height, width, 3).astype(np.float32)
+        with torch.no_grad():
+            tokens = tm.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+        _compare(model.apply({"params": params}, jnp.asarray(images)), tokens, registers)
+    # Export and strict-load into a fresh timm model.
+    convert.export(model, params, str(tmp_path / "ours.safetensors"), "timm")
+    from safetensors.torch import load_file
+    fresh = timm.create_model(name, pretrained=False, depth=2, embed_dim=embed_dim, num_heads=4,
+                              dynamic_img_size=True)
+    fresh.load_state_dict(load_file(str(tmp_path / "ours.safetensors")), strict=True)
+    for key, value in state.items():
+        np.testing.assert_allclose(fresh.state_dict()[key].numpy(), value, atol=1e-7, err_msg=key)
+
+
+def test_chunked_training_checkpoint_and_wrappers_import():
+    model = vit.build_backbone("vit_small", embed_dim=32, depth=4, num_heads=2, img_size=56,
+                               patch_size=14)
+    hub = {k: np.random.randn(*s).astype(np.float32)
+           for k, s in convert.expected_hub_shapes(model).items()}
+    chunked = {}
+    for key, value in hub.items():
+        if key.startswith("blocks."):
+            index = int(key.split(".")[1])
+            key = key.replace(f"blocks.{index}.", f"blocks.{index // 2}.{index}.", 1)
+        chunked["module.backbone." + key] = value
+    chunked["module.dino_head.mlp.0.weight"] = np.zeros((3, 32), np.float32)
+    params = convert.hub_to_params(model, convert.canonicalize({"teacher": chunked}, model))
+    back = convert.params_to_hub(model, params)
+    for key in hub:
+        np.testing.assert_array_equal(back[key], hub[key])
+
+
+def test_mismatched_checkpoint_names_the_first_bad_key():
+    small = vit.build_backbone("vits14", depth=2)
+    hub = {k: np.zeros(s, np.float32) for k, s in convert.expected_hub_shapes(small).items()}
+    with pytest.raises(ValueError, match=r"shape mismatch at 'cls_token'.*\(1, 1, 384\).*"
+                                         r"\(1, 1, 768\)"):
+        convert.hub_to_params(vit.build_backbone("vitb14", depth=2), hub)
+    with pytest.raises(ValueError, match=r"missing key 'blocks.2.norm1.weight'"):
+        convert.hub_to_params(vit.build_backbone("vits14", depth=3), hub)
+    with pytest.raises(ValueError, match=r"unexpected key 'register_tokens'"):
+        convert.hub_to_params(small, {**hub, "register_tokens": np.zeros((1, 4, 384))})
+
+
+def _cli(*args):
+    result = subprocess.run([sys.executable, "-m", "dinov2_jax.convert", *args],
+                            capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return result
+
+
+def test_cli_round_trip_is_bit_identical(tmp_path):
+    from dinov2.models.vision_transformer import vit_small
+    official = _perturb(vit_small(patch_size=14, img_size=518, init_values=1.0, block_chunks=0))
+    torch.save(official.state_dict(), tmp_path / "in.pth")
+    result = _cli("--input", str(tmp_path / "in.pth"), "--arch", "vits14",
+                  "--output", str(tmp_path / "jax"))
+    assert result.returncode == 0, result.stderr
+    assert json.load(open(tmp_path / "jax" / "model.json"))["embed_dim"] == 384
+    result = _cli("--input", str(tmp_path / "jax"), "--output", str(tmp_path / "out.pth"),
+                  "--format", "hub")
+    assert result.returncode == 0, result.stderr
+    exported = torch.load(tmp_path / "out.pth", weights_only=True)
+    fresh = vit_small(patch_size=14, img_size=518, init_values=1.0, block_chunks=0)
+    fresh.load_state_dict(exported, strict=True)
+    for key, value in official.state_dict().items():
+        assert torch.equal(exported[key], value), key
+    bad = _cli("--input", str(tmp_path / "in.pth"), "--arch", "vitb14",
+               "--output", str(tmp_path / "bad"))
+    assert bad.returncode != 0 and "shape mismatch at 'cls_token'" in bad.stderr
+    assert not (tmp_path / "bad").exists()
