@@ -1,0 +1,118 @@
+"""The DINOv2 train step: teacher forward, student forward, losses, update, EMA. One jit.
+
+Batch layout (see `dinov2_jax.data`): global crops (2, B, H, W, 3) crop-major, local crops
+(n_local, B, h, w, 3), masks (2, B, N), and the static masked-patch buffer `mask_indices` /
+`masks_weight` (G, U): per mask group g of B/G consecutive images (the reference's per-GPU
+batch), flat indices into that group's (2, B/G, N) patch grid. Groups stand for the
+reference's ranks wherever it reduces per rank: the iBOT center and KoLeo.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+from dinov2_jax import losses
+from dinov2_jax.train import state as state_lib
+
+
+def _flatten_crops(x):
+    """(crops, B, ...) -> (crops * B, ...), crop-major."""
+    return x.reshape(-1, *x.shape[2:])
+
+
+def gather_masked_patches(patch_tokens, mask_indices):
+    """(2, B, N, D) patch tokens -> (G, U, D) rows of the static masked-patch buffer."""
+    crops, batch, patches, dim = patch_tokens.shape
+    groups = mask_indices.shape[0]
+    grouped = patch_tokens.reshape(crops, groups, batch // groups, patches, dim)
+    grouped = grouped.transpose(1, 0, 2, 3, 4).reshape(groups, -1, dim)
+    return jnp.take_along_axis(grouped, mask_indices[..., None], axis=1)
+
+
+def _teacher_targets(networks, config, teacher, centers, batch, teacher_temp):
+    """Teacher probabilities for cls (2, B, K) and masked patches (G, U, K); new centers."""
+    global_crops = batch["global_crops"]
+    out = networks.backbone.apply({"params": teacher["backbone"]}, _flatten_crops(global_crops))
+    crops, batch_size = global_crops.shape[:2]
+    cls = out["x_norm_clstoken"].reshape(crops, batch_size, -1)
+    patches = out["x_norm_patchtokens"].reshape(crops, batch_size, *out["x_norm_patchtokens"].shape[1:])
+    cls_logits = networks.dino_head.apply({"params": teacher["dino_head"]}, cls)
+    patch_head_params = teacher["ibot_head"] if networks.ibot_head else teacher["dino_head"]
+    patch_logits = networks.patch_head().apply(
+        {"params": patch_head_params}, gather_masked_patches(patches, batch["mask_indices"]))
+    valid = batch["masks_weight"] > 0
+    if config.train.centering == "centering":
+        cls_probs = losses.softmax_center(cls_logits, centers["dino"], teacher_temp)
+        patch_probs = losses.softmax_center(patch_logits, centers["ibot"], teacher_temp)
+        centers = {"dino": losses.update_center(centers["dino"], cls_logits.reshape(-1, cls_logits.shape[-1])),
+                   "ibot": losses.update_center(centers["ibot"], patch_logits, valid=valid)}
+    else:
+        cls_probs = losses.sinkhorn_knopp(cls_logits, teacher_temp)
+        patch_probs = losses.sinkhorn_knopp(patch_logits, teacher_temp, valid=valid)
+    return jax.lax.stop_gradient((cls_probs, patch_probs)), jax.lax.stop_gradient(centers)
+
+
+def _student_loss(networks, config, student, batch, targets, rng):
+    """The optimised loss and the reference's logged loss values."""
+    cls_probs, patch_probs = targets
+    global_crops, local_crops = batch["global_crops"], batch["local_crops"]
+    crops, batch_size = global_crops.shape[:2]
+    n_local = local_crops.shape[0]
+    global_out, local_out = networks.backbone.apply(
+        {"params": student["backbone"]},
+        [_flatten_crops(global_crops), _flatten_crops(local_crops)],
+        [_flatten_crops(batch["masks"]), None], train=True, rngs={"dropout": rng})
+    global_cls = global_out["x_norm_clstoken"].reshape(crops, batch_size, -1)
+    local_cls = local_out["x_norm_clstoken"].reshape(n_local, batch_size, -1)
+    patches = global_out["x_norm_patchtokens"]
+    patches = patches.reshape(crops, batch_size, *patches.shape[1:])
+    dino_head = {"params": student["dino_head"]}
+    global_logits = networks.dino_head.apply(dino_head, global_cls)
+    local_logits = networks.dino_head.apply(dino_head, local_cls)
+    patch_head = {"params": student["ibot_head"] if networks.ibot_head else student["dino_head"]}
+    patch_logits = networks.patch_head().apply(
+        patch_head, gather_masked_patches(patches, batch["mask_indices"]))
+
+    dino_local, dino_global = losses.dino_loss(global_logits, local_logits, cls_probs)
+    groups = batch["mask_indices"].shape[0]
+    koleo = jnp.sum(jnp.mean(losses.koleo_loss(
+        global_cls.reshape(crops, groups, batch_size // groups, -1)), axis=1))
+    ibot = losses.ibot_loss(patch_logits, patch_probs, batch["masks_weight"], crops * batch_size)
+    loss = (config.dino.loss_weight * (dino_local + dino_global)
+            + config.dino.koleo_loss_weight * koleo + config.ibot.loss_weight * ibot)
+    logged = {"dino_local_crops_loss": dino_local, "dino_global_crops_loss": dino_global,
+              "koleo_loss": config.dino.koleo_loss_weight * koleo / 2, "ibot_loss": ibot / 2}
+    logged["total_loss"] = sum(logged.values())
+    return loss, logged
+
+
+def _entropy(probs):
+    return -jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1))
+
+
+def make_train_step(networks, config, optimizer, schedules):
+    """train_step(state, batch) -> (state, metrics), pure; wrap it in jax.jit."""
+    base_rng = jax.random.PRNGKey(config.train.seed)
+
+    def train_step(state, batch):
+        step = state["step"]
+        teacher_temp = schedules.teacher_temp(step)
+        momentum = schedules.momentum(step)
+        targets, centers = _teacher_targets(networks, config, state["teacher"], state["centers"],
+                                            batch, teacher_temp)
+        rng = jax.random.fold_in(base_rng, step)
+        grad_fn = jax.value_and_grad(
+            lambda params: _student_loss(networks, config, params, batch, targets, rng),
+            has_aux=True)
+        (loss, logged), grads = grad_fn(state["student"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["student"])
+        student = optax.apply_updates(state["student"], updates)
+        teacher = state_lib.ema_update(state["teacher"], student, momentum)
+        metrics = {**logged, "loss": loss, "teacher_temp": teacher_temp, "momentum": momentum,
+                   "teacher_entropy": _entropy(targets[0]),
+                   **{f"grad_norm/{name}": optax.global_norm(g) for name, g in grads.items()},
+                   **{name: value for name, value in opt_state.hyperparams.items()}}
+        new_state = {"step": step + 1, "student": student, "teacher": teacher,
+                     "opt_state": opt_state, "centers": centers}
+        return new_state, metrics
+
+    return train_step
