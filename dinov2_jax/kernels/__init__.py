@@ -1,0 +1,1 @@
+"""Pallas kernels: flash attention with segment ids (flash_attention.py)."""
