@@ -30,7 +30,8 @@ def default_config():
     c.train = dict(
         batch_size=2048, dataset="tfds:imagenet2012:train", centering="centering",
         epoch_length=1250, seed=0, num_workers=-1, max_bad_fraction=0.01,
-        log_every=20, checkpoint_every=3750, keep_checkpoints=3, total_steps=-1)
+        log_every=20, checkpoint_every=3750, keep_checkpoints=3, total_steps=-1,
+        mask_groups=0)  # 0: one iBOT mask group per local device, as the reference per GPU
     c.teacher = dict(momentum_teacher=0.992, final_momentum_teacher=1.0, warmup_teacher_temp=0.04,
                      teacher_temp=0.07, warmup_teacher_temp_epochs=30)
     c.optim = dict(epochs=100, warmup_epochs=10, base_lr=0.004, min_lr=1e-6, weight_decay=0.04,
@@ -40,8 +41,9 @@ def default_config():
     c.crops = dict(global_crops_scale=(0.32, 1.0), local_crops_number=8,
                    local_crops_scale=(0.05, 0.32), global_crops_size=224, local_crops_size=96,
                    paper_blur_probs=False)
-    c.evaluation = dict(knn_train="", knn_val="", every=12500, knn_resize=256, batch_size=256)
-    c.mesh = dict(data=-1, fsdp=1)
+    c.evaluation = dict(knn_train="", knn_val="", every=12500, at_start=False, knn_resize=256,
+                        batch_size=256)
+    c.mesh = dict(data=-1, fsdp=1, rules=[(".*", "fsdp")], min_shard_size=2**14)
     c.peak_flops = 0.0  # per device, FLOP/s; 0 = look the device up in dinov2_jax.flops
     return c
 

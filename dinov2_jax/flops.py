@@ -1,0 +1,73 @@
+"""Model FLOPs of a DINOv2 train step and the peak FLOP/s of accelerators, for MFU.
+
+Counted as DESIGN.md defines them: matmuls and attention (2 FLOPs per multiply-add) of the
+teacher forward on the 2 global crops and its heads, plus the student forward and backward
+(3x forward) on all crops and heads. Drop path's batch-subset trick really skips compute, so
+the student's block FLOPs count only the kept samples. Norms, softmax and elementwise work
+are not counted.
+"""
+import jax
+
+from dinov2_jax.models import vit
+
+# Dense bf16 peak FLOP/s per device (vendor datasheets), matched against device_kind.
+PEAK_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("v6", 918e12), ("v5p", 459e12),
+    ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12),
+)
+
+
+def peak_flops_per_device(device=None, override=0.0):
+    """Peak FLOP/s of `device` (default: the first), `override` if > 0; None if unknown."""
+    if override:
+        return float(override)
+    kind = (device or jax.devices()[0]).device_kind
+    return next((flops for name, flops in PEAK_FLOPS if name.lower() in kind.lower()), None)
+
+
+def block_flops(tokens, dim, ffn_hidden, ffn_layer):
+    """Forward FLOPs of one transformer block on one sequence of `tokens` tokens."""
+    attention = 2 * tokens * dim * 3 * dim + 2 * 2 * tokens * tokens * dim + 2 * tokens * dim * dim
+    if ffn_layer == "swiglu":
+        ffn = 2 * tokens * dim * 2 * ffn_hidden + 2 * tokens * ffn_hidden * dim
+    else:
+        ffn = 2 * 2 * tokens * dim * ffn_hidden
+    return attention, ffn
+
+
+def backbone_flops(model, image_size, keep_fraction=1.0):
+    """Forward FLOPs of the backbone on one square image; blocks scaled by `keep_fraction`."""
+    patches = (image_size // model.patch_size) ** 2
+    tokens = 1 + model.num_register_tokens + patches
+    hidden = (vit.swiglu_hidden_dim(model.embed_dim, model.mlp_ratio)
+              if model.ffn_layer == "swiglu" else int(model.embed_dim * model.mlp_ratio))
+    embed = 2 * patches * 3 * model.patch_size ** 2 * model.embed_dim
+    attention, ffn = block_flops(tokens, model.embed_dim, hidden, model.ffn_layer)
+    return embed + model.depth * (attention + ffn) * keep_fraction
+
+
+def head_flops(head, in_dim):
+    """Forward FLOPs of a DINOHead on one row."""
+    widths = [in_dim] + [head.hidden_dim] * (head.nlayers - 1) + [head.bottleneck_dim]
+    mlp = sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
+    return mlp + 2 * head.bottleneck_dim * head.out_dim
+
+
+def _kept(batch, rate):
+    return max(int(batch * (1 - rate)), 1) / batch if rate > 0 else 1.0
+
+
+def train_step_flops(networks, config, batch_size, masked_rows):
+    """Model FLOPs of one train step on `batch_size` images with `masked_rows` buffer rows."""
+    backbone, crops = networks.backbone, config.crops
+    n_global, n_local = 2 * batch_size, crops.local_crops_number * batch_size
+    rate = backbone.drop_path_rate
+    dim = backbone.embed_dim
+    cls_head = head_flops(networks.dino_head, dim)
+    patch_head = head_flops(networks.patch_head(), dim)
+    teacher = n_global * (backbone_flops(backbone, crops.global_crops_size) + cls_head)
+    teacher += masked_rows * patch_head
+    student = (n_global * backbone_flops(backbone, crops.global_crops_size, _kept(n_global, rate))
+               + n_local * backbone_flops(backbone, crops.local_crops_size, _kept(n_local, rate))
+               + (n_global + n_local) * cls_head + masked_rows * patch_head)
+    return teacher + 3 * student
