@@ -1,0 +1,156 @@
+"""DINOv2 objectives as pure functions: teacher normalisation and the three losses.
+
+Teacher normalisation: softmax centering (`softmax_center` + `update_center`, the center is
+carried in the train state) or Sinkhorn-Knopp (`sinkhorn_knopp`). Losses: `dino_loss` (cls
+tokens, multi-crop pairing), `ibot_loss` (masked patch tokens of a static-size buffer) and
+`koleo_loss`. All math runs in float32 whatever the input dtype. Functions that need sums over
+the whole data-parallel batch take `axis_name` and are meant for `jax.shard_map`.
+"""
+import jax
+import jax.numpy as jnp
+
+STUDENT_TEMP = 0.1
+CENTER_MOMENTUM = 0.9
+
+
+def _f32(x):
+    return jnp.asarray(x, jnp.float32)
+
+
+def _safe_div(x, d):
+    return x / jnp.where(d == 0, 1.0, d)
+
+
+def _cross_entropy(teacher_probs, student_logits, student_temp):
+    """Per-row sum_k t_k log_softmax(s / temp)_k (positive log-likelihood)."""
+    log_p = jax.nn.log_softmax(_f32(student_logits) / student_temp, axis=-1)
+    return jnp.sum(_f32(teacher_probs) * log_p, axis=-1)
+
+
+def softmax_center(teacher_logits, center, teacher_temp):
+    """softmax((t - center) / teacher_temp) over the last axis; center (K,) broadcasts."""
+    return jax.nn.softmax((_f32(teacher_logits) - _f32(center)) / teacher_temp, axis=-1)
+
+
+def update_center(center, teacher_logits, momentum=CENTER_MOMENTUM, *, valid=None,
+                  axis_name=None):
+    """EMA of the teacher logits: center * m + batch_center * (1 - m); returns (K,).
+
+    teacher_logits (..., R, K): leading axes index groups, R rows per group. batch_center is the
+    mean over each group's valid rows, then the unweighted mean over groups (and over `axis_name`
+    devices, each holding the same number of groups). For the DINO center pass the cls logits
+    (2B, K): one group, the plain row mean. For the iBOT center pass the masked-patch buffer as
+    (G, U, K) with valid = masks_weight > 0: the reference's per-rank mean over masked patches,
+    averaged over ranks. Groups without valid rows are left out of the average; if no group has
+    any, the center is returned unchanged.
+
+    Use: probs = softmax_center(t, center, temp); next_center = update_center(center, t). The
+    next step uses next_center, which is the reference's one-step lag.
+    """
+    t = _f32(teacher_logits)
+    if valid is None:
+        valid = jnp.ones(t.shape[:-1], bool)
+    valid = jnp.asarray(valid, bool)[..., None]
+    rows = jnp.sum(_f32(valid), axis=-2)
+    group_sums = jnp.sum(jnp.where(valid, t, 0.0), axis=-2)
+    group_means = _safe_div(group_sums, rows).reshape(-1, t.shape[-1])
+    has_rows = (rows > 0).reshape(-1, 1)
+    total = jnp.sum(group_means * has_rows, axis=0)
+    n_groups = jnp.sum(has_rows)
+    if axis_name is not None:
+        total, n_groups = jax.lax.psum((total, n_groups), axis_name)
+    center = _f32(center)
+    new_center = center * momentum + _safe_div(total, n_groups) * (1 - momentum)
+    return jnp.where(n_groups > 0, new_center, center)
+
+
+def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3, valid=None, axis_name=None):
+    """Sinkhorn-Knopp teacher probabilities (..., K) from logits (..., K); spec §3.3.
+
+    Every axis but the last holds samples. `valid` (...) marks real rows; others (padding of the
+    static iBOT buffer) take no part in any sum and get probability 0. With `axis_name` the total,
+    the per-prototype sums and the sample count are psum'ed over that axis (use under
+    jax.shard_map with the samples sharded). The exponent is shifted by the global max logit, a
+    constant that cancels in the first normalisation, so the result equals the reference's.
+    """
+    t = _f32(teacher_logits) / teacher_temp
+    if valid is None:
+        valid = jnp.ones(t.shape[:-1], bool)
+    valid = jnp.asarray(valid, bool)[..., None]
+    sample_axes = tuple(range(t.ndim - 1))
+    reduce = (lambda x: x) if axis_name is None else (lambda x: jax.lax.psum(x, axis_name))
+
+    t_max = jnp.max(jnp.where(valid, t, -jnp.inf))
+    if axis_name is not None:
+        t_max = jax.lax.pmax(t_max, axis_name)
+    t_max = jnp.where(jnp.isfinite(t_max), t_max, 0.0)
+    q = jnp.where(valid, jnp.exp(t - t_max), 0.0)
+    n_samples = reduce(jnp.sum(_f32(valid)))
+    n_prototypes = t.shape[-1]
+
+    q = _safe_div(q, reduce(jnp.sum(q)))
+    for _ in range(n_iterations):
+        q = _safe_div(q, reduce(jnp.sum(q, axis=sample_axes, keepdims=True)))
+        q = q / n_prototypes
+        q = _safe_div(q, jnp.sum(q, axis=-1, keepdims=True))
+        q = _safe_div(q, n_samples)
+    return q * n_samples
+
+
+def _mean_cross_entropy(student_logits, teacher_probs, student_temp):
+    return -jnp.mean(_cross_entropy(teacher_probs, student_logits, student_temp))
+
+
+def dino_loss(student_global_logits, student_local_logits, teacher_probs,
+              student_temp=STUDENT_TEMP):
+    """DINO cls-token loss (spec §3.5): (local_loss, global_loss) as the reference logs them.
+
+    student_global_logits (2, B, K): crop-major, [c] = global crop c of every image.
+    student_local_logits (n_local, B, K): [i] = local crop i of every image (n_local may be 0).
+    teacher_probs (2, B, K): teacher probabilities of global crops 0 and 1, in that order. The
+      cross-view swap happens here: student global crop c is scored against teacher crop 1 - c.
+    Every term is a cross-entropy averaged over the B images. With n_terms = 2 + max(2 n_local, 1)
+    (3 when n_local = 0, the reference's quirk): local_loss = (sum over the 2 n_local
+    local x global pairs) / n_terms (0 when n_local = 0), global_loss = (CE(s0, t1) + CE(s1, t0))
+    / n_terms. The optimised DINO loss is local_loss + global_loss.
+    """
+    n_local = student_local_logits.shape[0]
+    n_terms = 2 + max(2 * n_local, 1)
+    teacher_swapped = teacher_probs[::-1]
+    global_terms = jax.vmap(_mean_cross_entropy, (0, 0, None))(
+        student_global_logits, teacher_swapped, student_temp)
+    local_terms = jax.vmap(jax.vmap(_mean_cross_entropy, (None, 0, None)), (0, None, None))(
+        student_local_logits, teacher_probs, student_temp)
+    return jnp.sum(local_terms) / n_terms, jnp.sum(global_terms) / n_terms
+
+
+def ibot_loss(student_patch_logits, teacher_patch_probs, masks_weight, n_crops,
+              student_temp=STUDENT_TEMP):
+    """iBOT masked-patch loss, spec §3.6: -sum_j w_j sum_k t_jk log_softmax(s_j/temp)_k / n_crops.
+
+    student_patch_logits, teacher_patch_probs (..., K) and masks_weight (...) hold the rows of the
+    static masked-patch buffer (any leading layout, e.g. (G, U)); w_j = 1/m_i of the crop a masked
+    patch belongs to, 0 on padding rows, which contribute nothing. n_crops is the number of
+    global-crop images the buffer covers, masked or not (2B).
+    """
+    w = _f32(masks_weight)
+    ce = _cross_entropy(teacher_patch_probs, student_patch_logits, student_temp)
+    return -jnp.sum(jnp.where(w > 0, w * ce, 0.0)) / n_crops
+
+
+def koleo_loss(x, eps=1e-8):
+    """KoLeo regulariser, spec §3.7, over the n rows of x (..., n, D); returns shape (...).
+
+    Rows are L2-normalised (norm clamped at eps), each row's nearest neighbour is the other row
+    of largest inner product, d_i = ||x_i - x_nn(i) + eps|| (eps on the difference vector, as
+    torch's PairwiseDistance) and the loss is -mean_i log(d_i + eps). Duplicate rows stay finite.
+    """
+    x = _f32(x)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    n = x.shape[-2]
+    dots = jnp.einsum("...id,...jd->...ij", x, x)
+    dots = jnp.where(jnp.eye(n, dtype=bool), -1.0, dots)
+    nearest = jnp.argmax(dots, axis=-1)
+    neighbours = jnp.take_along_axis(x, nearest[..., None], axis=-2)
+    distances = jnp.linalg.norm(x - neighbours + eps, axis=-1)
+    return -jnp.mean(jnp.log(distances + eps), axis=-1)

@@ -1,0 +1,1 @@
+"""Training: schedules, optimizer, train state, the jitted step and the loop."""

@@ -1,0 +1,76 @@
+"""Per-iteration schedules of DINOv2 training (spec §4.1-4.2), as optax schedules.
+
+`make_schedules(config)` returns the learning rate, last-layer learning rate, weight decay,
+teacher EMA momentum and teacher temperature, each a jit-able function step -> float32 value
+equal to the reference's `CosineScheduler` array at that iteration (and its final value past
+the end).
+"""
+import math
+from typing import Callable, NamedTuple
+
+import jax.numpy as jnp
+import optax
+
+
+class Schedules(NamedTuple):
+    lr: Callable
+    last_layer_lr: Callable
+    weight_decay: Callable
+    momentum: Callable
+    teacher_temp: Callable
+
+
+def cosine_schedule(base_value, final_value, total_steps, warmup_steps=0,
+                    start_warmup_value=0.0):
+    """The reference's CosineScheduler (without freeze) as an optax schedule.
+
+    Steps [0, warmup): linspace(start_warmup_value, base_value, warmup) with the endpoint
+    included; then final + (base - final) * (1 + cos(pi * i / T)) / 2 for i in [0, T),
+    T = total - warmup; final_value from total_steps on.
+    """
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} must lie in [0, total_steps={total_steps}]")
+    decay_steps = total_steps - warmup_steps
+    pieces, boundaries = [], []
+    if warmup_steps > 0:
+        # reaches base_value at step warmup - 1 (linspace endpoint); one step: only the start
+        pieces.append(optax.linear_schedule(start_warmup_value, base_value,
+                                            max(warmup_steps - 1, 1)))
+        boundaries.append(warmup_steps)
+    if decay_steps > 0:
+        half_cosine = optax.cosine_decay_schedule(1.0, decay_steps)
+        pieces.append(lambda i: final_value + (base_value - final_value) * half_cosine(i))
+        boundaries.append(total_steps)
+    pieces.append(optax.constant_schedule(final_value))
+    return optax.join_schedules(pieces, boundaries)
+
+
+def scaled_lr(base_lr, global_batch_size, scaling_rule):
+    """Peak learning rate from the per-1024-images base_lr (spec §4.1)."""
+    if scaling_rule != "sqrt_wrt_1024":
+        raise ValueError(f"optim.scaling_rule={scaling_rule!r} is not supported; the reference "
+                         "implements only 'sqrt_wrt_1024'")
+    return base_lr * math.sqrt(global_batch_size / 1024)
+
+
+def make_schedules(config):
+    """All schedules of a run from config.optim, config.teacher and config.train.
+
+    Total steps = optim.epochs * train.epoch_length; train.batch_size is the global batch.
+    """
+    optim, teacher, epoch_length = config.optim, config.teacher, config.train.epoch_length
+    total_steps = optim.epochs * epoch_length
+    peak_lr = scaled_lr(optim.base_lr, config.train.batch_size, optim.scaling_rule)
+    lr = cosine_schedule(peak_lr, optim.min_lr, total_steps, optim.warmup_epochs * epoch_length)
+    freeze_steps = optim.freeze_last_layer_epochs * epoch_length
+    teacher_warmup_steps = teacher.warmup_teacher_temp_epochs * epoch_length
+    return Schedules(
+        lr=lr,
+        last_layer_lr=lambda step: jnp.where(step < freeze_steps, 0.0, lr(step)),
+        weight_decay=cosine_schedule(optim.weight_decay, optim.weight_decay_end, total_steps),
+        momentum=cosine_schedule(teacher.momentum_teacher, teacher.final_momentum_teacher,
+                                 total_steps),
+        teacher_temp=cosine_schedule(teacher.teacher_temp, teacher.teacher_temp,
+                                     teacher_warmup_steps, teacher_warmup_steps,
+                                     teacher.warmup_teacher_temp),
+    )
