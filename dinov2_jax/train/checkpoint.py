@@ -7,6 +7,7 @@ truncated on disk) is skipped with a warning in favour of the one before it.
 """
 import json
 import os
+import time
 
 import grain
 import jax
@@ -51,11 +52,21 @@ class Checkpointer:
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(**args))
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is skipped
-                logging.warning("checkpoint at step %d is unreadable (%s: %s); trying the one "
-                                "before it", step, type(error).__name__, str(error)[:300])
+                self._set_aside(step, error)
                 continue
             return restored["state"], restored["meta"]
         return None
+
+    def _set_aside(self, step, error):
+        """Moves an unreadable step out of the manager's way, keeping it for inspection."""
+        aside = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
+        os.makedirs(aside, exist_ok=True)
+        target = os.path.join(aside, f"{step}-{int(time.time())}")
+        logging.warning("checkpoint at step %d is unreadable (%s: %s); moved it to %s and "
+                        "trying the one before it", step, type(error).__name__, str(error)[:300],
+                        target)
+        os.rename(os.path.join(self.directory, str(step)), target)
+        self._manager.reload()
 
     def close(self):
         self._manager.wait_until_finished()

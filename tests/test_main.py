@@ -1,0 +1,209 @@
+"""The main job end to end: exact resume after kill -9 and SIGTERM, truncated checkpoints,
+divergence, config errors, and the recipes' smoke variants. Each run is a real subprocess of
+`python -m dinov2_jax.main` on `configs/demo.py:tiny` (about 10-20 s on 2 CPU cores)."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from dinov2_jax import configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING_KEYS = ("img_per_sec", "mfu")
+# 24 steps, a checkpoint every 4 and a log line every 2.
+TINY = ["--config=configs/demo.py:tiny", "--config.optim.epochs=6",
+        "--config.train.checkpoint_every=4", "--config.train.keep_checkpoints=10"]
+
+
+def _command(workdir, *extra):
+    return [sys.executable, "-m", "dinov2_jax.main", *TINY, f"--workdir={workdir}", *extra]
+
+
+def _run(workdir, *extra, timeout=300):
+    result = subprocess.run(_command(workdir, *extra), cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return result
+
+
+def _start(workdir, *extra):
+    return subprocess.Popen(_command(workdir, *extra), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _committed_steps(workdir):
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _wait_for_checkpoint(process, workdir, after, timeout=240):
+    start = time.time()
+    while time.time() - start < timeout:
+        if any(step > after for step in _committed_steps(workdir)):
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"run ended before a checkpoint: {process.stderr.read()}")
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+def _state(workdir, step):
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    return ocp.PyTreeCheckpointer().restore(path)
+
+
+def _last_metrics(workdir):
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    last = [line for line in lines if "total_loss" in line][-1]
+    return {k: v for k, v in last.items() if k not in TIMING_KEYS and not k.startswith("data/")}
+
+
+def _assert_same_run(workdir_a, workdir_b, step):
+    state_a, state_b = _state(workdir_a, step), _state(workdir_b, step)
+    for name in ("student", "teacher", "centers"):
+        leaves_a = jax.tree_util.tree_flatten_with_path(state_a[name])[0]
+        leaves_b = jax.tree.leaves(state_b[name])
+        assert len(leaves_a) == len(leaves_b)
+        for (path, a), b in zip(leaves_a, leaves_b):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name}{jax.tree_util.keystr(path)}")
+    assert _last_metrics(workdir_a) == _last_metrics(workdir_b)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    result = _run(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _committed_steps(workdir)[-1] == 24
+    return workdir
+
+
+def test_kill_9_then_rerun_is_bitwise_identical(uninterrupted, tmp_path):
+    workdir = str(tmp_path / "killed")
+    process = _start(workdir)
+    _wait_for_checkpoint(process, workdir, after=random.choice([0, 4]))
+    time.sleep(random.uniform(0, 2))
+    process.kill()
+    process.wait()
+    assert _committed_steps(workdir)[-1] < 24
+    result = _run(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step" in result.stdout
+    _assert_same_run(uninterrupted, workdir, 24)
+
+
+def test_sigterm_saves_exits_0_and_resumes_identically(uninterrupted, tmp_path):
+    workdir = str(tmp_path / "preempted")
+    process = _start(workdir)
+    _wait_for_checkpoint(process, workdir, after=0)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    saved = _committed_steps(workdir)[-1]
+    assert 4 <= saved < 24
+    result = _run(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from step {saved}" in result.stdout
+    _assert_same_run(uninterrupted, workdir, 24)
+
+
+def test_truncated_checkpoint_is_skipped_with_a_warning(uninterrupted, tmp_path):
+    workdir = str(tmp_path / "truncated")
+    shutil.copytree(uninterrupted, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "24"))
+    # Step 20 cut off mid-write: its array data is truncated.
+    state_dir = os.path.join(workdir, "checkpoints", "20", "state")
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.getsize(path) > 64:
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 3)
+    os.remove(os.path.join(workdir, "metrics.jsonl"))
+    result = _run(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint at step 20 is unreadable" in result.stderr
+    assert "resumed from step 16" in result.stdout
+    assert os.listdir(os.path.join(workdir, "checkpoints_unreadable"))
+    _assert_same_run(uninterrupted, workdir, 24)
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path / "diverged")
+    result = _run(workdir, "--config.optim.base_lr=1e38", "--config.train.checkpoint_every=1")
+    assert result.returncode == 1
+    assert "non-finite values at step" in result.stderr
+    assert "losses" in result.stderr
+    steps = _committed_steps(workdir)
+    assert steps, "the checkpoints before the divergence are kept"
+    diverged_at = int(result.stderr.split("non-finite values at step ")[1].split(":")[0])
+    assert steps[-1] < diverged_at
+    state = _state(workdir, steps[-1])
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["student"]))
+
+
+def _tiny_config():
+    return configs.load(os.path.join(ROOT, "configs/demo.py:tiny"))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("crops.global_crops_size", 30, "crops.global_crops_size: 30 is not a multiple of "
+                                    "student.patch_size=8"),
+    ("train.batch_size", 6, "train.batch_size: global batch 6 is not divisible by the 4 devices"),
+    ("optim.warmup_epochs", 5, "optim.warmup_epochs: 5 warmup epochs exceed optim.epochs=2"),
+    ("train.centering", "sinkhorn", "train.centering: 'sinkhorn' is not"),
+    ("student.arch", "vit_huge", "student.arch: 'vit_huge' is not one of"),
+    ("mesh.fsdp", 3, "mesh: data=-1 x fsdp=3 does not fit 4 devices"),
+    ("student.drop_path_rate", 1.5, "student.drop_path_rate: 1.5 is not in [0, 1)"),
+])
+def test_bad_configs_name_the_key(key, value, message):
+    config = _tiny_config()
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=f"config error at {message}".replace("[", r"\[")
+                       .replace("(", r"\(").replace(")", r"\)")):
+        configs.validate(config, device_count=4)
+
+
+def test_unknown_keys_are_rejected():
+    config = _tiny_config()
+    config.train.learning_rate = 0.1
+    with pytest.raises(ValueError, match="config error at train.learning_rate: unknown key"):
+        configs.validate(config, device_count=1)
+    result = subprocess.run(_command("/tmp/unused", "--config.optim.lrr=1"), cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "lrr" in result.stderr
+
+
+def test_bad_config_fails_at_start_up_from_the_command_line(tmp_path):
+    result = _run(str(tmp_path / "bad"), "--config.crops.local_crops_size=20")
+    assert result.returncode == 1
+    assert "config error at crops.local_crops_size" in result.stderr
+    assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+
+@pytest.mark.parametrize("recipe", ["vitg14", "vitl14"])
+def test_recipe_smoke_runs_on_cpu(tmp_path, recipe):
+    workdir = str(tmp_path / recipe)
+    result = subprocess.run(
+        [sys.executable, "-m", "dinov2_jax.main", f"--config=configs/{recipe}.py:smoke",
+         f"--workdir={workdir}", "--config.optim.epochs=1", "--config.optim.warmup_epochs=0",
+         "--config.teacher.warmup_teacher_temp_epochs=0", "--config.optim.freeze_last_layer_epochs=0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    losses = [line["total_loss"] for line in lines if "total_loss" in line]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    saved = json.load(open(os.path.join(workdir, "config.json")))
+    assert saved["train"]["centering"] == "sinkhorn_knopp" and saved["ibot"]["separate_head"]
