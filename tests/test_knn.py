@@ -1,0 +1,151 @@
+"""k-NN evaluation: equals a direct NumPy transcription of spec §7.3, chunking changes nothing,
+and the API and CLI run end to end on a tiny backbone.
+
+The comparison is exact (accuracies are counts): features are random floats, so similarities
+and class scores have no near-ties that float32 vs float64 could flip. Exact ties (classes
+with score 0 when fewer than 5 classes are among the neighbours) break toward the lower class
+in both, which is the documented rule.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dinov2_jax import convert
+from dinov2_jax.eval import knn
+from dinov2_jax.models import vit
+
+KS = (10, 20, 100, 200)
+
+
+def numpy_knn(train, train_labels, query, query_labels, ks, temperature, num_classes):
+    """Spec §7.3 written directly: full similarity matrix, no chunks, float64."""
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    query = query / np.linalg.norm(query, axis=1, keepdims=True)
+    sims = query.astype(np.float64) @ train.astype(np.float64).T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :max(ks)]
+    top_sims = np.take_along_axis(sims, order, axis=1)
+    weights = np.exp(top_sims / temperature)
+    weights /= weights.sum(axis=1, keepdims=True)
+    onehot = np.eye(num_classes)[train_labels[order]]  # (Q, max_k, C)
+    results = {}
+    for k in ks:
+        scores = (onehot[:, :k] * weights[:, :k, None]).sum(axis=1)
+        ranked = np.argsort(-scores, axis=1, kind="stable")
+        top1 = int(np.sum(ranked[:, 0] == query_labels))
+        top5 = int(np.sum((ranked[:, :5] == query_labels[:, None]).any(1)))
+        results[f"knn/top1_k{k}"] = 100.0 * top1 / len(query)
+        results[f"knn/top5_k{k}"] = 100.0 * top5 / len(query)
+    results["knn/top1"] = max(results[f"knn/top1_k{k}"] for k in ks)
+    return results
+
+
+def _clustered(n, num_classes, dim, spread):
+    labels = np.random.randint(0, num_classes, n)
+    centers = np.random.randn(num_classes, dim)
+    features = centers[labels] + spread * np.random.randn(n, dim)
+    return features.astype(np.float32), labels.astype(np.int32)
+
+
+@pytest.mark.parametrize("num_classes,spread", [(12, 2.0), (3, 1.0), (40, 1.5)])
+def test_equals_numpy_reference(num_classes, spread):
+    train, train_labels = _clustered(450, num_classes, 24, spread)
+    query, query_labels = _clustered(130, num_classes, 24, spread)
+    train *= np.random.uniform(0.5, 3.0, (len(train), 1)).astype(np.float32)  # Not unit norm.
+    temperature = np.random.uniform(0.03, 0.2)
+    ours = knn.knn_classify(train, train_labels, query, query_labels, ks=KS,
+                            temperature=temperature, num_classes=num_classes)
+    expected = numpy_knn(train, train_labels, query, query_labels, KS, temperature,
+                         num_classes)
+    assert ours == expected
+    assert 0 < ours["knn/top1"] < 100  # Neither trivial nor degenerate.
+
+
+def test_chunked_equals_unchunked():
+    train, train_labels = _clustered(333, 10, 16, 2.5)
+    query, query_labels = _clustered(101, 10, 16, 2.5)
+    whole = knn.knn_classify(train, train_labels, query, query_labels, ks=KS,
+                             chunk_size=512, train_chunk_size=10_000)
+    for chunk_size, train_chunk_size in [(7, 13), (32, 200), (101, 1)]:
+        chunked = knn.knn_classify(train, train_labels, query, query_labels, ks=KS,
+                                   chunk_size=chunk_size, train_chunk_size=train_chunk_size)
+        assert chunked == whole, (chunk_size, train_chunk_size)
+
+
+def test_neighbors_match_full_sort():
+    database = np.random.randn(97, 8).astype(np.float32)
+    queries = np.random.randn(5, 8).astype(np.float32)
+    # 10 database chunks, the last one padded; 2 query chunks, the last one padded.
+    sims, index = knn.nearest_neighbors(database, queries, 30, chunk_size=3,
+                                        database_chunk_size=10)
+    unit = database / np.linalg.norm(database, axis=1, keepdims=True)
+    full = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ unit.T
+    np.testing.assert_array_equal(index, np.argsort(-full, axis=1)[:, :30])
+    np.testing.assert_allclose(sims, -np.sort(-full, axis=1)[:, :30], atol=1e-6)
+
+
+def test_bad_inputs_are_named():
+    train, labels = _clustered(50, 3, 8, 1.0)
+    with pytest.raises(ValueError, match="no label"):
+        knn.knn_classify(train, np.where(labels == 0, -1, labels), train, labels, ks=(5,))
+    with pytest.raises(ValueError, match="train set size"):
+        knn.knn_classify(train, labels, train, labels, ks=(10, 200))
+    with pytest.raises(ValueError, match="disagree"):
+        knn.knn_classify(train, labels[:-1], train, labels, ks=(5,))
+
+
+def _tiny_weights(directory):
+    model = vit.DinoVisionTransformer(embed_dim=32, depth=2, num_heads=2, patch_size=14,
+                                      img_size=28, layerscale=1.0)
+    params = model.init(jax.random.key(np.random.randint(1 << 30)),
+                        jnp.zeros((1, 28, 28, 3)))["params"]
+    convert.save_weights(str(directory), model, params)
+    return model, params
+
+
+def test_knn_eval_and_cli(tmp_path):
+    model, params = _tiny_weights(tmp_path / "weights")
+    train_source = "demo:train:num_images=48:image_size=32"
+    val_source = "demo:val:num_images=20:image_size=32"
+    results = knn.knn_eval(model, params, train_source, val_source, image_size=28,
+                           resize_size=32, batch_size=16, ks=(5, 10), progress=False)
+    assert set(results) == {"knn/top1_k5", "knn/top5_k5", "knn/top1_k10", "knn/top5_k10",
+                            "knn/top1"}
+    # The extracted features are the backbone's cls tokens of the eval-transformed images.
+    from dinov2_jax.data import augment, sources
+    from dinov2_jax.eval import extract
+
+    def by_hand(spec):
+        source = sources.open_source(spec)
+        images = np.stack([augment.normalize(augment.eval_transform(source[i]["image"], 32, 28))
+                           for i in range(len(source))])
+        out = model.apply({"params": params}, jnp.asarray(images))
+        return np.asarray(out["x_norm_clstoken"]), [source[i]["label"] for i in range(len(source))]
+
+    extracted = {}
+    for spec in (train_source, val_source):
+        extracted[spec] = extract.extract_source(model, params, spec, image_size=28,
+                                                 resize_size=32, batch_size=16, progress=False)
+        cls, labels = by_hand(spec)
+        np.testing.assert_allclose(extracted[spec]["cls"], cls, atol=1e-5)  # fp32, batched.
+        np.testing.assert_array_equal(extracted[spec]["label"], labels)
+        np.testing.assert_array_equal(extracted[spec]["index"], np.arange(len(labels)))
+    assert results == knn.knn_classify(
+        extracted[train_source]["cls"], extracted[train_source]["label"],
+        extracted[val_source]["cls"], extracted[val_source]["label"], ks=(5, 10))
+    output = tmp_path / "results.json"
+    cli = subprocess.run(
+        [sys.executable, "-m", "dinov2_jax.eval.knn", "--weights", str(tmp_path / "weights"),
+         "--train", train_source, "--val", val_source, "--size", "28", "--resize-size", "32",
+         "--batch-size", "16", "--ks", "5,10", "--output", str(output)],
+        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert cli.returncode == 0, cli.stderr
+    assert "knn/top1_k10" in cli.stdout and "k-NN train" in cli.stderr  # Progress shown.
+    written = json.loads(output.read_text())
+    assert written["results"] == pytest.approx(results, abs=1e-9)
+    assert written["train"] == train_source
