@@ -1,0 +1,1 @@
+"""Data: sources, multi-crop augmentation, iBOT masking and the Grain input pipelines."""
