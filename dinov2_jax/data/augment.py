@@ -12,7 +12,8 @@ images, which is what the reference applies:
              1.0 / 0.1 / 0.5 with `paper_blur_probs`
   solarize   threshold 128, p=0.2, global crop 2 only
 
-Crops stay uint8 here; `normalize` turns a whole batch into ImageNet-normalised float32.
+Crops stay uint8 here; `normalize` / `normalize_into` (used when a batch is assembled) turn
+them into ImageNet-normalised float32.
 The blur runs as two 1-D passes in float32 (the reference's 9x9 kernel is the outer product of
 the same 1-D kernel), then rounds to uint8 as torchvision does for uint8 images.
 """
