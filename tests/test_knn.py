@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from dinov2_jax import convert
-from dinov2_jax.eval import knn
+from dinov2_jax.data import augment, sources
+from dinov2_jax.eval import extract, knn
 from dinov2_jax.models import vit
 
 KS = (10, 20, 100, 200)
@@ -102,8 +103,8 @@ def test_bad_inputs_are_named():
 def _tiny_weights(directory):
     model = vit.DinoVisionTransformer(embed_dim=32, depth=2, num_heads=2, patch_size=14,
                                       img_size=28, layerscale=1.0)
-    params = model.init(jax.random.key(np.random.randint(1 << 30)),
-                        jnp.zeros((1, 28, 28, 3)))["params"]
+    params = jax.jit(model.init)(jax.random.key(np.random.randint(1 << 30)),
+                                 jnp.zeros((1, 28, 28, 3)))["params"]
     convert.save_weights(str(directory), model, params)
     return model, params
 
@@ -117,14 +118,11 @@ def test_knn_eval_and_cli(tmp_path):
     assert set(results) == {"knn/top1_k5", "knn/top5_k5", "knn/top1_k10", "knn/top5_k10",
                             "knn/top1"}
     # The extracted features are the backbone's cls tokens of the eval-transformed images.
-    from dinov2_jax.data import augment, sources
-    from dinov2_jax.eval import extract
-
     def by_hand(spec):
         source = sources.open_source(spec)
         images = np.stack([augment.normalize(augment.eval_transform(source[i]["image"], 32, 28))
                            for i in range(len(source))])
-        out = model.apply({"params": params}, jnp.asarray(images))
+        out = jax.jit(model.apply)({"params": params}, images)
         return np.asarray(out["x_norm_clstoken"]), [source[i]["label"] for i in range(len(source))]
 
     extracted = {}
@@ -149,3 +147,38 @@ def test_knn_eval_and_cli(tmp_path):
     written = json.loads(output.read_text())
     assert written["results"] == pytest.approx(results, abs=1e-9)
     assert written["train"] == train_source
+
+
+_SHARDED_EXTRACTION = """
+import sys
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from dinov2_jax import convert
+from dinov2_jax.eval import extract
+model, params = convert.load_weights(sys.argv[1])
+mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2), ("data", "fsdp"))
+def shard(x):  # FSDP-like: the leading axis over 'fsdp' where it divides.
+    spec = PartitionSpec("fsdp") if x.ndim and x.shape[0] % 2 == 0 else PartitionSpec()
+    return jax.device_put(x, NamedSharding(mesh, spec))
+out = extract.extract_source(model, jax.tree.map(shard, params), sys.argv[2], image_size=28,
+                             resize_size=32, batch_size=6, progress=False)
+np.savez(sys.argv[3], **out)
+"""
+
+
+def test_extraction_on_sharded_params_and_four_devices(tmp_path):
+    """The in-training path: params sharded on the train mesh, batches over its 4 devices."""
+    model, params = _tiny_weights(tmp_path / "weights")
+    source = "demo:val:num_images=23:image_size=32"  # 23: the last batches are padded.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    run = subprocess.run([sys.executable, "-c", _SHARDED_EXTRACTION, str(tmp_path / "weights"),
+                          source, str(tmp_path / "out.npz")], capture_output=True, text=True,
+                         env=env)
+    assert run.returncode == 0, run.stderr
+    sharded = np.load(tmp_path / "out.npz")
+    single = extract.extract_source(model, params, source, image_size=28, resize_size=32,
+                                    batch_size=6, progress=False)
+    np.testing.assert_allclose(sharded["cls"], single["cls"], atol=1e-5)
+    np.testing.assert_array_equal(sharded["index"], np.arange(23))
+    np.testing.assert_array_equal(sharded["label"], single["label"])
