@@ -30,6 +30,7 @@ def default_config():
     c.train = dict(
         batch_size=2048, dataset="tfds:imagenet2012:train", centering="centering",
         epoch_length=1250, seed=0, num_workers=-1, max_bad_fraction=0.01,
+        bad_fraction_min_records=1000,
         log_every=20, checkpoint_every=3750, keep_checkpoints=3, total_steps=-1,
         mask_groups=0)  # 0: one iBOT mask group per local device, as the reference per GPU
     c.teacher = dict(momentum_teacher=0.992, final_momentum_teacher=1.0, warmup_teacher_temp=0.04,

@@ -25,7 +25,7 @@ the records read by a worker failed, once it has read at least `bad_fraction_min
 the iterator raises TooManyBadRecordsError naming examples.
 
 Config keys read: train.dataset, train.batch_size, train.seed (0), train.num_workers
-(min(cpu count, 32)), train.max_bad_fraction (0.01), train.bad_fraction_min_records (1000),
+(negative or unset: min(cpu count, 32)), train.max_bad_fraction (0.01), train.bad_fraction_min_records (1000),
 crops.* (augment.MultiCropSpec.from_config), student.patch_size (14),
 ibot.mask_sample_probability (0.5), ibot.mask_ratio_min_max ((0.1, 0.5)).
 """
@@ -320,7 +320,8 @@ def make_train_dataset(config, *, process_index: int | None = None,
   seed = int(np.random.SeedSequence([int(_get(config, "train.seed", 0)), process_index])
              .generate_state(1)[0])
   num_workers = _get(config, "train.num_workers", None)
-  num_workers = default_num_workers() if num_workers is None else int(num_workers)
+  num_workers = (default_num_workers() if num_workers is None or num_workers < 0
+                 else int(num_workers))
   ds = (DecodedRecords(host_records)
         .seed(seed)
         .shuffle()
