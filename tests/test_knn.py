@@ -8,6 +8,8 @@ in both, which is the documented rule.
 """
 import json
 import os
+import pickle
+import socket
 import subprocess
 import sys
 
@@ -100,11 +102,23 @@ def test_bad_inputs_are_named():
         knn.knn_classify(train, labels[:-1], train, labels, ks=(5,))
 
 
+def _random_params(model):
+    """Fresh random params of `model`'s shapes (no XLA compile of init: quick on CPU):
+    norm scales and LayerScale near 1, everything else N(0, 0.1^2)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, model.img_size, model.img_size, 3)))["params"]
+
+    def draw(path, leaf):
+        centre = 1.0 if path[-1].key in ("scale", "gamma") else 0.0
+        return (centre + 0.1 * np.random.randn(*leaf.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 def _tiny_weights(directory):
     model = vit.DinoVisionTransformer(embed_dim=32, depth=2, num_heads=2, patch_size=14,
                                       img_size=28, layerscale=1.0)
-    params = jax.jit(model.init)(jax.random.key(np.random.randint(1 << 30)),
-                                 jnp.zeros((1, 28, 28, 3)))["params"]
+    params = _random_params(model)
     convert.save_weights(str(directory), model, params)
     return model, params
 
@@ -182,3 +196,49 @@ def test_extraction_on_sharded_params_and_four_devices(tmp_path):
     np.testing.assert_allclose(sharded["cls"], single["cls"], atol=1e-5)
     np.testing.assert_array_equal(sharded["index"], np.arange(23))
     np.testing.assert_array_equal(sharded["label"], single["label"])
+
+
+_TWO_HOST_EXTRACTION = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
+import pickle
+import numpy as np
+from dinov2_jax.eval import extract
+from dinov2_jax.models import vit
+with open(sys.argv[3], "rb") as f:
+    params = pickle.load(f)
+model = vit.DinoVisionTransformer(embed_dim=32, depth=2, num_heads=2, patch_size=14,
+                                  img_size=28, layerscale=1.0)
+out = extract.extract_source(model, params, sys.argv[4], image_size=28, resize_size=32,
+                             batch_size=8, progress=False)
+np.savez(sys.argv[5], **out)
+"""
+
+
+def test_extraction_on_two_hosts(tmp_path):
+    """Each host reads its half of the source; both end with every image's features. With 9
+    images and 4 per host and step, host 1 runs out first and feeds an empty batch."""
+    model, params = _tiny_weights(tmp_path / "weights")
+    with open(tmp_path / "params.pkl", "wb") as f:
+        pickle.dump(jax.tree.map(np.asarray, params), f)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    source = "demo:val:num_images=9:image_size=32"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    hosts = [subprocess.Popen(
+        [sys.executable, "-c", _TWO_HOST_EXTRACTION, str(port), str(i),
+         str(tmp_path / "params.pkl"), source, str(tmp_path / f"host{i}.npz")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    for host in hosts:
+        _, stderr = host.communicate(timeout=300)
+        assert host.returncode == 0, stderr
+    single = extract.extract_source(model, params, source, image_size=28, resize_size=32,
+                                    batch_size=8, progress=False)
+    for i in range(2):
+        out = np.load(tmp_path / f"host{i}.npz")
+        np.testing.assert_array_equal(out["index"], np.arange(9))
+        np.testing.assert_array_equal(out["label"], single["label"])
+        np.testing.assert_allclose(out["cls"], single["cls"], atol=1e-5)

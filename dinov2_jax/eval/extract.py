@@ -56,18 +56,18 @@ def backbone_features(model, params, images, *, features=("cls",), n_last_blocks
     if with_blocks and not 1 <= n_last_blocks <= model.depth:
         raise ValueError(f"n_last_blocks={n_last_blocks} must be in [1, depth={model.depth}]")
     out = model.apply({"params": params}, images, collect_layers=with_blocks)
-    result = {
-        "cls": lambda: out["x_norm_clstoken"],
-        "patch": lambda: out["x_norm_patchtokens"],
-        "reg": lambda: out["x_norm_regtokens"],
-        "patch_mean": lambda: out["x_norm_patchtokens"].astype(jnp.float32).mean(axis=1),
+    available = {  # Under jit, whatever is not requested is never computed.
+        "cls": out["x_norm_clstoken"],
+        "patch": out["x_norm_patchtokens"],
+        "reg": out["x_norm_regtokens"],
+        "patch_mean": out["x_norm_patchtokens"].astype(jnp.float32).mean(axis=1),
     }
     if with_blocks:
         cls_tokens = out["layers"][-n_last_blocks:, :, 0]  # (n, B, D) before the final norm
         norm = nn.LayerNorm(epsilon=1e-6, dtype=model.dtype)
-        blocks_cls = norm.apply({"params": params["norm"]}, cls_tokens)
-        result["blocks_cls"] = lambda: jnp.swapaxes(blocks_cls, 0, 1)
-    return {name: result[name]().astype(jnp.float32) for name in features}
+        available["blocks_cls"] = jnp.swapaxes(
+            norm.apply({"params": params["norm"]}, cls_tokens), 0, 1)
+    return {name: available[name].astype(jnp.float32) for name in features}
 
 
 def _batch_mesh(params):
@@ -127,16 +127,17 @@ def _padded(batch, size, image_shape):
 
 
 def extract(model, params, batches, *, features=("cls",), n_last_blocks=4, dtype=None,
-            batch_size=None, num_batches=None, num_images=None, progress=True,
-            desc="features"):
+            batch_size=None, num_batches=None, image_shape=None, num_images=None,
+            progress=True, desc="features"):
     """Features of every image of `batches`, an iterable of dicts with "image" (b, H, W, 3)
     normalised float32, "index" (b,) (position of each image) and optionally "label" (b,).
 
     `batch_size` (this host's rows per step; default: the first batch's) is padded up to a
-    multiple of the local device count. On several hosts pass the same `batch_size` and
-    `num_batches` everywhere: a host that runs out of batches feeds empty ones. `dtype`
-    (e.g. jnp.bfloat16) overrides the model's compute dtype; params stay as they are.
-    Returns numpy arrays (see the module docstring), rows sorted by index.
+    multiple of the local device count. On several hosts pass the same `batch_size`,
+    `num_batches` and `image_shape` (H, W, 3) everywhere: a host that runs out of batches
+    feeds empty ones. `dtype` (e.g. jnp.bfloat16) overrides the model's compute dtype;
+    params stay as they are. Returns numpy arrays (see the module docstring), rows sorted
+    by index.
     """
     model = _with_dtype(model, dtype)
     mesh = _batch_mesh(params)
@@ -145,13 +146,11 @@ def extract(model, params, batches, *, features=("cls",), n_last_blocks=4, dtype
     forward = _jitted_forward(model, tuple(features), n_last_blocks, mesh)
     iterator = iter(batches)
     first = next(iterator, None)
-    if first is None and num_batches is None:
+    if first is None and (num_batches is None or image_shape is None or batch_size is None):
         raise ValueError("no images to extract features from")
     if first is not None:
         image_shape = tuple(np.shape(first["image"])[1:])
         batch_size = batch_size or np.shape(first["image"])[0]
-    else:
-        image_shape = (model.img_size, model.img_size, 3)
     local_devices = jax.local_device_count()
     padded_size = -(-batch_size // local_devices) * local_devices
     bar = tqdm.tqdm(total=num_images, unit="img", desc=desc, file=sys.stderr,
@@ -201,7 +200,8 @@ def extract_source(model, params, source, *, features=("cls",), image_size=224,
     host_images = math.ceil(len(source) / process_count)
     return extract(model, params, iterator, features=features, n_last_blocks=n_last_blocks,
                    dtype=dtype, batch_size=host_batch,
-                   num_batches=math.ceil(host_images / host_batch), num_images=len(source),
+                   num_batches=math.ceil(host_images / host_batch),
+                   image_shape=(image_size, image_size, 3), num_images=len(source),
                    progress=progress, desc=desc or name)
 
 
