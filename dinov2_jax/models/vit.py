@@ -4,8 +4,11 @@ Patch embedding, cls/register/mask tokens, position-embedding interpolation exac
 reference, pre-norm blocks (attention, Mlp or SwiGLU, LayerScale) scanned with `nn.scan` and
 rematerialised with `nn.remat`, drop path with the batch-subset trick at static shapes, and
 outputs as a dict of named intermediates. A list of image batches (the student's global and
-local crops) runs as token groups through the same scanned blocks.
+local crops) runs as token groups through the same scanned blocks: one group after another, or,
+with `pack_crops`, packed into equal sequences of block-diagonal attention (`PackLayout`), so that
+every block runs one attention call and one set of matmuls over the tokens of all groups.
 """
+import dataclasses
 import math
 from typing import Any
 
@@ -141,6 +144,114 @@ def interpolate_pos_embed(pos_embed, grid_h, grid_w, *, offset, antialias, squar
 
 
 # --------------------------------------------------------------------------------------------
+# Drop path.
+
+
+def _keep_count(batch, rate):
+    """The reference's drop-path subset size S = max(int(b * (1 - rate)), 1)."""
+    return max(int(batch * (1 - rate)), 1)
+
+
+def _drop_path_add(x, branch, rate, rng):
+    """x + branch(x) with the reference's batch-subset stochastic depth.
+
+    Keeps a random subset of S = max(int(b * (1 - rate)), 1) samples, computes the branch on
+    them only, and adds it back scaled by b / S. S is static, so shapes are too.
+    """
+    if rng is None or rate <= 0:
+        return x + branch(x)
+    batch = x.shape[0]
+    keep = _keep_count(batch, rate)
+    kept = jax.random.permutation(rng, batch)[:keep]
+    residual = branch(x[kept]) * jnp.asarray(batch / keep, x.dtype)
+    return x.at[kept].add(residual)
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence packing.
+
+
+@dataclasses.dataclass(frozen=True)
+class PackLayout:
+    """A static plan that packs the rows (crops) of token groups into equal sequences.
+
+    Group g has `rows[g]` rows of `lengths[g]` tokens. Sequence s holds its consecutive rows
+    s*k .. s*k + k - 1, k = `slots[g]` = ceil(rows[g] / sequences), the groups one after
+    another, so all sequences share one segment layout (`segment_lengths`, one segment per
+    row). Packing is a reshape and a concatenation along the tokens, so rows sharded over d
+    devices stay on their device when d divides `sequences`. Slots past a group's last row are
+    padding rows of zeros, segments of their own whose outputs are dropped. For image-major
+    groups (row = image * crops + crop) a sequence holds crops of one image.
+    """
+    rows: tuple[int, ...]
+    lengths: tuple[int, ...]
+    sequences: int
+
+    @property
+    def slots(self):
+        return tuple(-(-n // self.sequences) for n in self.rows)
+
+    @property
+    def sequence_length(self):
+        return sum(k * t for k, t in zip(self.slots, self.lengths))
+
+    @property
+    def padding_tokens(self):
+        return sum((k * self.sequences - n) * t
+                   for n, k, t in zip(self.rows, self.slots, self.lengths))
+
+    @property
+    def segment_lengths(self):
+        return sum(((t,) * k for k, t in zip(self.slots, self.lengths)), ())
+
+    def pack(self, groups):
+        """Groups of (rows[g], lengths[g], C) -> (sequences, sequence_length, C)."""
+        packed = []
+        for x, k, t in zip(groups, self.slots, self.lengths):
+            x = jnp.pad(x, ((0, k * self.sequences - x.shape[0]), (0, 0), (0, 0)))
+            packed.append(x.reshape(self.sequences, k * t, x.shape[-1]))
+        return jnp.concatenate(packed, axis=1)
+
+    def unpack(self, packed):
+        """The inverse of `pack`: the groups, without the padding rows."""
+        splits = np.cumsum([k * t for k, t in zip(self.slots, self.lengths)])[:-1]
+        return [x.reshape(k * self.sequences, t, x.shape[-1])[:n]
+                for x, n, k, t in zip(jnp.split(packed, splits, axis=1), self.rows, self.slots,
+                                      self.lengths)]
+
+
+def plan_packing(rows, lengths, max_length=None):
+    """The PackLayout with the fewest padding tokens, sequences no longer than `max_length`.
+
+    Ties go to shorter sequences. `max_length` defaults to the length of the layout with
+    gcd(rows) sequences, the shortest one without padding rows (which is then the plan).
+    """
+    rows, lengths = tuple(rows), tuple(lengths)
+    if max_length is None:
+        max_length = PackLayout(rows, lengths, math.gcd(*rows)).sequence_length
+    layouts = (PackLayout(rows, lengths, p) for p in range(1, max(rows) + 1))
+    return min((layout for layout in layouts if layout.sequence_length <= max_length),
+               key=lambda layout: (layout.padding_tokens, layout.sequence_length))
+
+
+def _packed_drop_path_add(groups, branch, rate, rngs, max_length):
+    """Each group plus `branch(packed, segment_lengths)` run once on the kept rows of all groups.
+
+    Batch-subset drop path per group: a random subset of S = max(int(b * (1 - rate)), 1) rows,
+    drawn with the group's key in `rngs` as `_drop_path_add` draws it, is packed with the other
+    groups' kept rows into sequences no longer than `max_length`; the branch output is added
+    back to those rows scaled by b / S.
+    """
+    kept = [jax.random.permutation(rng, x.shape[0])[:_keep_count(x.shape[0], rate)]
+            for x, rng in zip(groups, rngs)]
+    layout = plan_packing([k.shape[0] for k in kept], [x.shape[1] for x in groups], max_length)
+    residuals = layout.unpack(branch(layout.pack([x[k] for x, k in zip(groups, kept)]),
+                                     layout.segment_lengths))
+    return [x.at[k].add(y * jnp.asarray(x.shape[0] / k.shape[0], x.dtype))
+            for x, k, y in zip(groups, kept, residuals)]
+
+
+# --------------------------------------------------------------------------------------------
 # Blocks.
 
 
@@ -155,18 +266,23 @@ class LayerScale(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (q|k|v, heads contiguous)."""
+    """Multi-head self-attention with a fused qkv projection (q|k|v, heads contiguous).
+
+    `segment_lengths` (static, summing to the tokens) makes attention block-diagonal over
+    packed crops, the same layout in every sequence.
+    """
     num_heads: int
     backend: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, segment_ids=None):
+    def __call__(self, x, segment_lengths=None):
         batch, length, dim = x.shape
         qkv = nn.Dense(3 * dim, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
         qkv = qkv.reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
         out = attention.dot_product_attention(
-            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], segment_ids, backend=self.backend)
+            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], segment_lengths=segment_lengths,
+            backend=self.backend)
         out = out.reshape(batch, length, dim)
         return nn.Dense(dim, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
 
@@ -196,26 +312,14 @@ class SwiGLU(nn.Module):
             jax.nn.silu(gate) * value)
 
 
-def _drop_path_add(x, branch, rate, rng):
-    """x + branch(x) with the reference's batch-subset stochastic depth.
-
-    Keeps a random subset of S = max(int(b * (1 - rate)), 1) samples, computes the branch on
-    them only, and adds it back scaled by b / S. S is static, so shapes are too.
-    """
-    if rng is None or rate <= 0:
-        return x + branch(x)
-    batch = x.shape[0]
-    keep = max(int(batch * (1 - rate)), 1)
-    kept = jax.random.permutation(rng, batch)[:keep]
-    residual = branch(x[kept]) * jnp.asarray(batch / keep, x.dtype)
-    return x.at[kept].add(residual)
-
-
 class Block(nn.Module):
     """Pre-norm transformer block applied to a tuple of token groups; a `nn.scan` body.
 
     Each group (e.g. global and local crops) has its own batch and length; they share the
-    weights, and drop path draws an independent subset per group and per branch. Returns the
+    weights, and drop path draws an independent subset per group and per branch. Unpacked, the
+    groups run one after another; with `pack_crops`, each branch runs once on the (kept) rows of
+    all groups packed by `plan_packing` (with drop path: sequences no longer than those of the
+    full groups). Both consume the dropout rng alike, so they give equal results. Returns the
     new groups as the scan carry and, when `collect`, also as the scan output.
     """
     num_heads: int
@@ -224,6 +328,7 @@ class Block(nn.Module):
     layerscale: float | None
     drop_path_rate: float
     attention_backend: str = "auto"
+    pack_crops: bool = False
     dtype: Any = jnp.float32
     train: bool = False
     collect: bool = False
@@ -241,14 +346,33 @@ class Block(nn.Module):
         else:
             ls1 = ls2 = lambda y: y
         use_drop = self.train and self.drop_path_rate > 0
-        outputs = []
-        for x in groups:
-            rngs = jax.random.split(self.make_rng("dropout"), 2) if use_drop else (None, None)
-            x = _drop_path_add(x, lambda y: ls1(attn(norm1(y))), self.drop_path_rate, rngs[0])
-            x = _drop_path_add(x, lambda y: ls2(ffn(norm2(y))), self.drop_path_rate, rngs[1])
-            outputs.append(x)
+        # Per group: one key for the attention branch, one for the ffn branch.
+        rngs = [jax.random.split(self.make_rng("dropout"), 2) if use_drop else (None, None)
+                for _ in groups]
+        if self.pack_crops:
+            outputs = self._packed(groups, rngs if use_drop else None,
+                                   lambda y, lengths: ls1(attn(norm1(y), lengths)),
+                                   lambda y, _: ls2(ffn(norm2(y))))
+        else:
+            outputs = []
+            for x, (attn_rng, ffn_rng) in zip(groups, rngs):
+                x = _drop_path_add(x, lambda y: ls1(attn(norm1(y))), self.drop_path_rate, attn_rng)
+                x = _drop_path_add(x, lambda y: ls2(ffn(norm2(y))), self.drop_path_rate, ffn_rng)
+                outputs.append(x)
         outputs = tuple(outputs)
         return outputs, (outputs if self.collect else None)
+
+    def _packed(self, groups, rngs, attn_branch, ffn_branch):
+        """Both residual branches, each one call over the packed (kept) rows of all groups."""
+        layout = plan_packing([x.shape[0] for x in groups], [x.shape[1] for x in groups])
+        if rngs is None:
+            x = layout.pack(groups)
+            x = x + attn_branch(x, layout.segment_lengths)
+            return layout.unpack(x + ffn_branch(x, layout.segment_lengths))
+        groups = _packed_drop_path_add(groups, attn_branch, self.drop_path_rate,
+                                       [r[0] for r in rngs], layout.sequence_length)
+        return _packed_drop_path_add(groups, ffn_branch, self.drop_path_rate,
+                                     [r[1] for r in rngs], layout.sequence_length)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +385,14 @@ class DinoVisionTransformer(nn.Module):
     Returns a dict (or a list of dicts for a list input) with `x_norm_clstoken`,
     `x_norm_regtokens`, `x_norm_patchtokens`, `x_prenorm` and `masks`; with
     `collect_layers=True` also `layers`, the output of every block (depth, B, T, D).
+
+    `pack_crops`: in every block the rows of all groups are packed into equal sequences with a
+    static block-diagonal layout, and the block runs one attention call and one set of matmuls
+    on them (see `PackLayout`, `plan_packing`). Without drop path there are gcd(group batches)
+    sequences of consecutive rows: for the student's [2B global, n_local*B local] crops, one
+    global and n_local/2 local crops each (of one image if the rows are image-major); with drop
+    path the kept rows of the groups are packed. Same outputs as unpacked; which is faster
+    depends on the attention backend and the platform.
     """
     embed_dim: int = 384
     depth: int = 12
@@ -276,6 +408,7 @@ class DinoVisionTransformer(nn.Module):
     drop_path_rate: float = 0.0
     remat_policy: str = "none"
     attention_backend: str = "auto"
+    pack_crops: bool = False
     dtype: Any = jnp.float32
 
     def _validate(self):
@@ -290,7 +423,8 @@ class DinoVisionTransformer(nn.Module):
                   else int(self.embed_dim * self.mlp_ratio))
         return dict(num_heads=self.num_heads, ffn_layer=self.ffn_layer, ffn_hidden_dim=hidden,
                     layerscale=self.layerscale, drop_path_rate=self.drop_path_rate,
-                    attention_backend=self.attention_backend, dtype=self.dtype)
+                    attention_backend=self.attention_backend, pack_crops=self.pack_crops,
+                    dtype=self.dtype)
 
     def _embedding_params(self):
         dim, patch = self.embed_dim, self.patch_size
