@@ -1,8 +1,8 @@
 """Figures for people who would rather look than read (matplotlib, imported lazily).
 
-  read_metrics / plot_metrics   training curves from a workdir's metrics.jsonl (every
-                                numeric key against "step"; losses on one panel, eval
-                                metrics such as knn/top1 on another)
+  read_metrics / plot_metrics   training curves from a workdir's metrics.jsonl against
+                                "step": losses on one panel, eval summaries such as
+                                knn/top1 on another
   pca_rgb / plot_pca_maps       patch features -> first three PCA components as RGB, the
                                 DINOv2 paper's figure: a first PCA separates foreground from
                                 background, a second PCA on the foreground patches colours it
@@ -16,6 +16,8 @@ import json
 import numpy as np
 
 from dinov2_jax.data import augment
+
+SUMMARY_METRICS = ("top1", "top5", "mAP")
 
 
 def to_display(images):
@@ -38,15 +40,16 @@ def _series(records, key):
 
 
 def plot_metrics(records, keys=None, *, figsize=(11, 4)):
-    """Curves of `keys` (default: every numeric key with "loss" in its name, plus eval keys
-    with "top1"/"top5"/"mAP") against step. `records` is a list of dicts or a path."""
+    """Curves of `keys` (default: every numeric key with "loss" in its name, plus the eval
+    summaries such as knn/top1 and linear/top1) against step. `records` is a list of dicts
+    or a path to metrics.jsonl."""
     import matplotlib.pyplot as plt
     if isinstance(records, str):
         records = read_metrics(records)
     numeric = sorted({k for r in records for k, v in r.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"})
     if keys is None:
-        keys = [k for k in numeric if "loss" in k or any(t in k for t in ("top1", "top5", "mAP"))]
+        keys = [k for k in numeric if "loss" in k or k.split("/")[-1] in SUMMARY_METRICS]
     losses = [k for k in keys if "loss" in k]
     others = [k for k in keys if k not in losses]
     if not keys:

@@ -69,3 +69,39 @@ def test_notebook_runs_and_draws(path, tiny_weights, tmp_path, monkeypatch):
         images = [o for o in cell.outputs
                   if o.output_type == "display_data" and "image/png" in o.get("data", {})]
         assert images, f"figure cell drew nothing:\n{cell.source}"
+
+
+def test_pca_rgb_blacks_out_the_background():
+    """Central patches of two images share one feature direction, the border another: the
+    first PCA component splits them, oriented so the border is background (black)."""
+    from dinov2_jax import plots
+    grid, dim = (6, 7), 16
+    centre = np.zeros(grid, bool)
+    centre[1:-1, 2:-1] = True
+    directions = np.random.randn(2, dim)
+    features = np.where(centre[None, :, :, None], directions[0], directions[1])
+    features = features + 0.05 * np.random.randn(2, *grid, dim)
+    rgb = plots.pca_rgb(features.reshape(2, -1, dim), grid)
+    assert rgb.shape == (2, *grid, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    assert (rgb[:, ~centre] == 0).all()
+    assert (rgb[:, centre].max(axis=-1) > 0).mean() > 0.9
+    everything = plots.pca_rgb(features.reshape(2, -1, dim), grid, foreground_threshold=None)
+    assert (everything.max(axis=-1) > 0).mean() > 0.9
+
+
+def test_plot_metrics_reads_metrics_jsonl(tmp_path):
+    import json
+    from dinov2_jax import plots
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": 0, "knn/top1": 10.0, "knn/top1_k10": 9.0},
+             {"step": 1, "total_loss": 3.0, "dino_local_crops_loss": 2.0, "mfu": None,
+              "data/bad_examples": []},
+             {"step": 2, "total_loss": 2.5, "dino_local_crops_loss": 1.5},
+             {"step": 2, "knn/top1": 30.0}]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    figure = plots.plot_metrics(str(path))
+    curves = {line.get_label(): line.get_xydata().tolist() for ax in figure.axes
+              for line in ax.lines}
+    assert curves == {"total_loss": [[1, 3.0], [2, 2.5]],
+                      "dino_local_crops_loss": [[1, 2.0], [2, 1.5]],
+                      "knn/top1": [[0, 10.0], [2, 30.0]]}
