@@ -21,7 +21,7 @@ def default_config():
         arch="vit_large", embed_dim=0, depth=0, num_heads=0, patch_size=16, ffn_layer="mlp", layerscale=1e-5, drop_path_rate=0.3,
         drop_path_uniform=True, num_register_tokens=0, interpolate_offset=0.1,
         interpolate_antialias=False, pretrained_weights="", dtype="bfloat16",
-        remat_policy="none", attention="auto")
+        remat_policy="none", attention="auto", pack_crops=False)
     c.dino = dict(loss_weight=1.0, head_n_prototypes=65536, head_bottleneck_dim=256,
                   head_hidden_dim=2048, head_nlayers=3, koleo_loss_weight=0.1)
     c.ibot = dict(loss_weight=1.0, mask_sample_probability=0.5, mask_ratio_min_max=(0.1, 0.5),
@@ -109,6 +109,8 @@ def validate(config, device_count):
         _fail("student.ffn_layer", f"{s.ffn_layer!r} is not 'mlp' or 'swiglu'")
     if s.dtype not in ("float32", "bfloat16"):
         _fail("student.dtype", f"{s.dtype!r} is not 'float32' or 'bfloat16'")
+    if not isinstance(s.pack_crops, bool):
+        _fail("student.pack_crops", f"{s.pack_crops!r} is not a bool")
     if not 0 <= s.drop_path_rate < 1:
         _fail("student.drop_path_rate", f"{s.drop_path_rate} is not in [0, 1)")
     if train.centering not in ("centering", "sinkhorn_knopp"):
