@@ -46,7 +46,7 @@ def build_networks(config):
         interpolate_offset=student.interpolate_offset,
         interpolate_antialias=student.interpolate_antialias,
         drop_path_rate=student.drop_path_rate, remat_policy=student.remat_policy,
-        attention_backend=student.attention, dtype=dtype)
+        attention_backend=student.attention, pack_crops=student.pack_crops, dtype=dtype)
 
     def head(section):
         return heads.DINOHead(out_dim=section.head_n_prototypes, hidden_dim=section.head_hidden_dim,
