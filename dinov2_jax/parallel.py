@@ -5,7 +5,8 @@ teacher and optimizer state follow regex rules over their '/'-joined paths (conf
 first match wins): `fsdp` shards the largest dimension divisible by the fsdp axis size,
 `replicate` keeps a leaf whole; leaves under `mesh.min_shard_size` elements stay replicated.
 The batch is split over both axes. A state is born sharded: `jax.jit(init,
-out_shardings=state_shardings(...))`.
+out_shardings=state_shardings(...))`. On a multi-slice TPU job the `data` axis spans the slices
+(DCN) and `fsdp` stays inside a slice (ICI).
 """
 import math
 import os
@@ -14,23 +15,28 @@ import re
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
-    """jax.distributed.initialize from flags, SLURM or the TPU environment; no-op alone.
+    """jax.distributed.initialize from flags or the cluster; a no-op for a lone process.
 
-    Explicit arguments win; on SLURM the coordinator is the first node; on TPU VMs jax finds
-    everything itself. A single process without any of these is left alone.
+    Explicit arguments win. Otherwise JAX's own cluster detection runs where a cluster is
+    known to be: a SLURM step with several tasks (one per GPU: JAX picks the GPU of
+    SLURM_LOCALID; one per node: set JAX_LOCAL_DEVICE_IDS=0,...,7), a GKE TPU pod
+    (TPU_WORKER_HOSTNAMES), a multi-slice TPU job (MEGASCALE_COORDINATOR_ADDRESS), or wherever
+    DINOV2_JAX_DISTRIBUTED=1 says so (launch/tpu_pod.sh: TPU VMs made with gcloud are found
+    through the metadata server, which JAX only asks when told to).
     """
     if coordinator_address:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()  # jax's SLURM cluster detection
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    elif ("SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+          or os.environ.get("TPU_WORKER_HOSTNAMES")
+          or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")
+          or os.environ.get("DINOV2_JAX_DISTRIBUTED") == "1"):
         jax.distributed.initialize()
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
@@ -50,12 +56,28 @@ def mesh_shape(data, fsdp, device_count):
     return tuple(sizes)
 
 
+def device_grid(mesh_config, devices):
+    """The (data, fsdp) array of devices: neighbours on the fast network adjacent along fsdp.
+
+    Devices of several TPU slices (distinct `slice_index`) are laid out with the slices along
+    `data`, so only data-parallel gradient reductions cross the slow data-center network.
+    """
+    data, fsdp = mesh_shape(mesh_config.data, mesh_config.fsdp, len(devices))
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return mesh_utils.create_device_mesh((data, fsdp), devices=devices)
+    if data % slices:
+        raise ValueError(f"mesh.data={data} must be a multiple of the {slices} TPU slices: the "
+                         f"fsdp axis has to stay inside a slice")
+    return mesh_utils.create_hybrid_device_mesh((data // slices, fsdp), (slices, 1),
+                                                devices=devices)
+
+
 def make_mesh(mesh_config, devices=None):
-    """A ('data', 'fsdp') mesh over all devices, ICI/NVLink neighbours adjacent on fsdp."""
+    """A ('data', 'fsdp') mesh over all devices (see device_grid)."""
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(mesh_config.data, mesh_config.fsdp, len(devices))
-    device_array = mesh_utils.create_device_mesh(shape, devices=devices)
-    return jax.sharding.Mesh(device_array, BATCH_AXES, axis_types=(AxisType.Auto,) * 2)
+    return jax.sharding.Mesh(device_grid(mesh_config, devices), BATCH_AXES,
+                             axis_types=(AxisType.Auto,) * 2)
 
 
 def _path_name(path):
@@ -93,23 +115,44 @@ def state_shardings(abstract_state, mesh, mesh_config):
     return jax.tree_util.tree_map_with_path(sharding, abstract_state)
 
 
-def batch_shardings(mesh, batch):
-    """Crops and masks split over (data, fsdp) on their image axis (axis 1); the masked-patch
-    buffer on its group axis when the groups divide evenly, else replicated."""
+def batch_shardings(mesh, local_batch):
+    """Shardings of the global batch, given one host's batch.
+
+    Crops and masks are split over (data, fsdp) on their image axis (axis 1). The masked-patch
+    buffer (G groups per host) is split on its group axis when the groups of all hosts divide
+    evenly over the devices, else replicated.
+    """
     devices = mesh.shape["data"] * mesh.shape["fsdp"]
 
     def sharding(name, value):
         if name in ("mask_indices", "masks_weight"):
-            return NamedSharding(mesh, P(BATCH_AXES) if value.shape[0] % devices == 0 else P())
+            groups = value.shape[0] * jax.process_count()
+            return NamedSharding(mesh, P(BATCH_AXES) if groups % devices == 0 else P())
         return NamedSharding(mesh, P(None, BATCH_AXES))
 
-    return {name: sharding(name, value) for name, value in batch.items()}
+    return {name: sharding(name, value) for name, value in local_batch.items()}
 
 
 def global_batch(local_batch, shardings):
-    """This host's numpy batch -> global jax.Arrays (each host holds its own images)."""
-    return {name: jax.make_array_from_process_local_data(shardings[name], np.asarray(value))
+    """This host's numpy batch -> global jax.Arrays (each host holds its own images).
+
+    A replicated entry (a mask buffer whose groups do not split evenly over the devices) is
+    first gathered from all hosts, in the order in which the hosts' images sit in the batch.
+    """
+    return {name: _global_array(np.asarray(value), shardings[name])
             for name, value in local_batch.items()}
+
+
+def _global_array(value, sharding):
+    if jax.process_count() > 1 and sharding.is_fully_replicated:
+        value = _concat_hosts_in_mesh_order(value, sharding.mesh)
+    return jax.make_array_from_process_local_data(sharding, value)
+
+
+def _concat_hosts_in_mesh_order(value, mesh):
+    per_host = multihost_utils.process_allgather(value)  # (process_count, ...) by process index
+    order = dict.fromkeys(device.process_index for device in mesh.devices.flat)
+    return np.concatenate([per_host[index] for index in order])
 
 
 def bytes_per_device(tree):
