@@ -1,0 +1,183 @@
+"""Per-device memory of a training recipe on a device mesh, on paper: no device is touched.
+
+The train state (student, teacher, AdamW moments) and the gradients are counted from their
+actual shapes (`jax.eval_shape` of the state's init) sharded by the run's own rules
+(`dinov2_jax.parallel.state_shardings`) on an abstract mesh of the machine's size, exactly as
+`python -m dinov2_jax.main` reports it at start-up. Gathered weights and activations are
+estimated with the formula of docs/scaling.md from the model's dimensions.
+
+  python benchmarks/memory.py                        # ViT-g/14, vitg14 recipe, batch 3072
+  python benchmarks/memory.py --config=configs/vitl14.py --batch_size=2048
+"""
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import sys
+
+import jax
+import numpy as np
+from jax.sharding import AbstractMesh, AxisType
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dinov2_jax import configs, parallel  # noqa: E402
+from dinov2_jax.data import masking  # noqa: E402
+from dinov2_jax.models import vit  # noqa: E402
+from dinov2_jax.train import optim, schedules as schedules_lib, state as state_lib  # noqa: E402
+
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    name: str
+    devices: int
+    hbm_bytes: float
+    devices_per_host: int
+
+
+# v5p-256 counts TensorCores: 128 chips, one JAX device (megacore) of 95 GB HBM2e each.
+MACHINES = (Machine("256 x H100 (32 nodes x 8)", 256, 80 * GB, 8),
+            Machine("v5p-256 (128 chips)", 128, 95 * GB, 4))
+
+
+def abstract_state(config):
+    """ShapeDtypeStructs of the train state; nothing is allocated."""
+    networks = state_lib.build_networks(config)
+    rng = jax.random.PRNGKey(0)
+    student = jax.eval_shape(functools.partial(state_lib.init_student, networks, config), rng)
+    optimizer = optim.make_optimizer(config, student, schedules_lib.make_schedules(config))
+    return networks, jax.eval_shape(
+        lambda key: state_lib.create_train_state(networks, config, optimizer, key), rng)
+
+
+def state_bytes(config, state, data, fsdp):
+    """Per-device bytes of student, teacher, opt_state and gradients on a data x fsdp mesh."""
+    mesh = AbstractMesh((data, fsdp), parallel.BATCH_AXES, axis_types=(AxisType.Auto,) * 2)
+    shardings = parallel.state_shardings(state, mesh, config.mesh)
+    sharded = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
+                           state, shardings)
+    out = {name: parallel.bytes_per_device(sharded[name])
+           for name in ("student", "teacher", "opt_state")}
+    out["gradients"] = out["student"]  # same shapes, dtypes and rules as the student params
+    return out
+
+
+def _nbytes(tree):
+    return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree.leaves(tree))
+
+
+def gathered_weight_bytes(student):
+    """FSDP all-gathers at most one scanned block of a network plus its largest head at a
+    time; its weight gradient is as large before the reduce-scatter."""
+    backbone = student["backbone"]
+    depth = jax.tree.leaves(backbone["blocks"])[0].shape[0]
+    block = _nbytes(backbone["blocks"]) // depth
+    head = max(_nbytes(student[name]) for name in student if name.endswith("_head"))
+    return 2 * (block + head)
+
+
+def tokens(image_size, patch_size, registers):
+    return 1 + registers + (image_size // patch_size) ** 2
+
+
+def activation_bytes(config, networks, images):
+    """The docs/scaling.md estimate of activation memory for `images` images on one device.
+
+    Student backbone (compute dtype, a bytes): the scan keeps each block's input,
+    L*T*D per image, with a remat policy (which saves no activation with a batch dimension);
+    without one, every block's intermediates, L*T*(10D + 3H). Backward of one block recomputes
+    and differentiates its intermediates: 2*T*(10D + 3H). Attention is a flash kernel (cudnn or
+    splash: no T^2 probabilities). Heads and losses (fp32): logits, log-softmax and their
+    gradient of the student's rows, and the teacher's probabilities, K prototypes each.
+    """
+    model, crops = networks.backbone, config.crops
+    a = np.dtype(state_lib.DTYPES[config.student.dtype]).itemsize
+    d, depth, registers = model.embed_dim, model.depth, model.num_register_tokens
+    hidden = (vit.swiglu_hidden_dim(d, model.mlp_ratio) if model.ffn_layer == "swiglu"
+              else int(d * model.mlp_ratio))
+    global_tokens = tokens(crops.global_crops_size, model.patch_size, registers)
+    per_image = (2 * global_tokens
+                 + crops.local_crops_number * tokens(crops.local_crops_size, model.patch_size,
+                                                     registers))
+    block_intermediates = per_image * (10 * d + 3 * hidden)
+    kept = per_image * d if config.student.remat_policy != "none" else block_intermediates
+    patches = (crops.global_crops_size // model.patch_size) ** 2
+    masked_rows = masking.mask_upperbound(2 * images, patches, config.ibot.mask_ratio_min_max,
+                                          config.ibot.mask_sample_probability)
+    student_rows = (2 + crops.local_crops_number) * images + masked_rows
+    teacher_rows = 2 * images + masked_rows
+    prototypes = max(config.dino.head_n_prototypes, networks.patch_head().out_dim)
+    return {
+        "saved activations": images * depth * kept * a,
+        "one block's backward": images * 2 * block_intermediates * a,
+        "head logits": (3 * student_rows + teacher_rows) * prototypes * 4,
+        "input crops": images * 4 * 3 * (2 * crops.global_crops_size ** 2
+                                         + crops.local_crops_number * crops.local_crops_size ** 2),
+    }
+
+
+def estimate(config, networks, state, machine, data, fsdp):
+    """Rows of (what, bytes per device) for one machine and mesh."""
+    images = config.train.batch_size // machine.devices
+    rows = state_bytes(config, state, data, fsdp)
+    if fsdp > 1:
+        rows["gathered weights (transient)"] = gathered_weight_bytes(state["student"])
+    rows.update(activation_bytes(config, networks, images))
+    return images, rows
+
+
+def meshes(machine):
+    """Full FSDP (the recipe's), FSDP inside a host with data parallelism across hosts, and
+    plain data parallelism (a full replica on every device) for comparison."""
+    n, host = machine.devices, machine.devices_per_host
+    return ((1, n), (n // host, host), (n, 1))
+
+
+def print_tables(config, networks, state, machines):
+    params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state["student"]))
+    total = sum(state_bytes(config, state, 1, 1).values())
+    print(f"{config.student.arch}/{config.student.patch_size}: {params / 1e9:.3f}B student "
+          f"params; student + teacher + AdamW + gradients = {total / GB:.1f} GB unsharded; "
+          f"global batch {config.train.batch_size}; activations in {config.student.dtype}, "
+          f"remat {config.student.remat_policy}")
+    for machine in machines:
+        if config.train.batch_size % machine.devices:
+            raise ValueError(f"global batch {config.train.batch_size} does not split over "
+                             f"{machine.devices} devices")
+        results = [(f"data={data} fsdp={fsdp}", *estimate(config, networks, state, machine,
+                                                          data, fsdp))
+                   for data, fsdp in meshes(machine)]
+        images = results[0][1]
+        names = list(dict.fromkeys(name for _, _, rows in results for name in rows))
+        print(f"\n{machine.name}: {images} images per device, {machine.hbm_bytes / GB:.0f} GB "
+              f"HBM per device. GB per device:")
+        header = f"| {'':30} | " + " | ".join(f"{mesh:>18}" for mesh, _, _ in results) + " |"
+        print(header)
+        print("|" + "-" * 32 + "|" + "|".join("-" * 20 for _ in results) + "|")
+        for name in names + ["total"]:
+            values = [sum(rows.values()) if name == "total" else rows.get(name, 0)
+                      for _, _, rows in results]
+            print(f"| {name:30} | " + " | ".join(f"{v / GB:18.4f}" for v in values) + " |")
+        print(f"| {'share of HBM':30} | " + " | ".join(
+            f"{sum(rows.values()) / machine.hbm_bytes:18.1%}" for _, _, rows in results) + " |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/vitg14.py",
+                        help="recipe file[:arg], as for dinov2_jax.main")
+    parser.add_argument("--batch_size", type=int, default=0,
+                        help="global batch; 0 keeps the recipe's")
+    args = parser.parse_args()
+    config = configs.load(args.config)
+    if args.batch_size:
+        config.train.batch_size = args.batch_size
+    networks, state = abstract_state(config)
+    print_tables(config, networks, state, MACHINES)
+
+
+if __name__ == "__main__":
+    main()
