@@ -52,7 +52,9 @@ def test_every_expected_notebook_exists():
     assert {os.path.basename(p).removesuffix(".ipynb") for p in NOTEBOOKS} >= EXPECTED
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.slow) if p.endswith("train_demo.ipynb") else p
+    for p in NOTEBOOKS], ids=os.path.basename)
 def test_notebook_runs_and_draws(path, tiny_weights, tmp_path, monkeypatch):
     monkeypatch.setenv("DINOV2_JAX_COLAB_TINY", "1")
     monkeypatch.setenv("DINOV2_JAX_COLAB_WEIGHTS", tiny_weights)
