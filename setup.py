@@ -23,6 +23,7 @@ setup(
         "numpy",
         "pillow",
         "safetensors",
+        "tqdm",
     ],
     extras_require={
         # PyTorch interop (.pth export) and the parity tests. torch 2.14.1 with torchvision

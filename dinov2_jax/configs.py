@@ -6,6 +6,7 @@ reference's `ssl_default_config.yaml` (spec §6) plus this project's run setting
 `validate(config, device_count)` fails at start-up with a message that names the bad key.
 """
 import importlib.util
+import json
 import math
 import os
 
@@ -72,6 +73,25 @@ def load(path_with_arg):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg or None)
+
+
+def from_json(text):
+    """A config saved with `to_json()`, merged onto today's defaults (keys added since are
+    filled in, JSON lists turned back into tuples where the default is a tuple)."""
+    config = default_config()
+
+    def merge(node, saved):
+        for key, value in saved.items():
+            if isinstance(value, dict) and key in node and isinstance(node[key],
+                                                                      ml_collections.ConfigDict):
+                merge(node[key], value)
+            elif key in node and isinstance(node[key], tuple) and isinstance(value, list):
+                node[key] = tuple(value)
+            else:
+                node[key] = value
+
+    merge(config, json.loads(text))
+    return config
 
 
 def total_steps(config):

@@ -325,8 +325,12 @@ def load_weights(path, arch=None, network="teacher"):
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "model.json")):
         with open(os.path.join(path, "model.json")) as f:
             model = vit.DinoVisionTransformer(**json.load(f))
-        params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"))
-        return model, jax.tree.map(np.asarray, params)
+        params_dir = os.path.join(os.path.abspath(path), "params")
+        checkpointer = ocp.StandardCheckpointer()
+        # A host-numpy target: restoring onto the saved sharding breaks on other topologies.
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                              checkpointer.metadata(params_dir).item_metadata.tree)
+        return model, checkpointer.restore(params_dir, target)
     if os.path.isdir(path):
         from dinov2_jax.train import checkpoint
         return checkpoint.load_backbone(path, network)

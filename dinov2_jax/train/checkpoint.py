@@ -5,7 +5,6 @@ complete), the last `keep` are kept, and a restore takes the target's shardings,
 resume on another mesh or device count. A checkpoint that cannot be read (cut off mid-write,
 truncated on disk) is skipped with a warning in favour of the one before it.
 """
-import json
 import os
 import time
 
@@ -79,7 +78,7 @@ def load_backbone(path, network="teacher"):
     `path` is a workdir (newest step), its `checkpoints` dir, or a `checkpoints/<step>` dir.
     Only that network's backbone is read. The model is returned without drop path, in fp32.
     """
-    import ml_collections
+    from dinov2_jax import configs
     from dinov2_jax.train import state as state_lib
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -93,7 +92,7 @@ def load_backbone(path, network="teacher"):
     if step is None:
         raise ValueError(f"{path} holds no dinov2_jax weights or checkpoint")
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    config = ml_collections.ConfigDict(json.loads(meta["config"]))
+    config = configs.from_json(meta["config"])
     networks = state_lib.build_networks(config)
     model = networks.backbone.clone(dtype=np.float32, drop_path_rate=0.0)
     size = config.crops.global_crops_size

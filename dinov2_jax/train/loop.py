@@ -50,7 +50,7 @@ class _Preemption:
 
 
 def _check_resumable(saved_config_json, config):
-    saved = json.loads(saved_config_json)
+    saved = json.loads(configs.from_json(saved_config_json).to_json())
     current = json.loads(config.to_json())
 
     def flat(tree, prefix=""):
