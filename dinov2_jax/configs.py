@@ -33,7 +33,7 @@ def default_config():
         epoch_length=1250, seed=0, num_workers=-1, max_bad_fraction=0.01,
         bad_fraction_min_records=1000,
         log_every=20, checkpoint_every=3750, keep_checkpoints=3, total_steps=-1,
-        mask_groups=0)  # 0: one iBOT mask group per local device, as the reference per GPU
+        mask_groups=0)  # iBOT mask groups per host; 0: one per local device (the reference's per GPU)
     c.teacher = dict(momentum_teacher=0.992, final_momentum_teacher=1.0, warmup_teacher_temp=0.04,
                      teacher_temp=0.07, warmup_teacher_temp_epochs=30)
     c.optim = dict(epochs=100, warmup_epochs=10, base_lr=0.004, min_lr=1e-6, weight_decay=0.04,
@@ -113,7 +113,7 @@ def _flat_keys(config, prefix=""):
     return keys
 
 
-def validate(config, device_count):
+def validate(config, device_count, process_count=1):
     """Checks the config before anything is built; raises ValueError naming the key."""
     unknown = sorted(_flat_keys(config) - _flat_keys(default_config()))
     if unknown:
@@ -138,6 +138,10 @@ def validate(config, device_count):
     if train.batch_size % device_count:
         _fail("train.batch_size", f"global batch {train.batch_size} is not divisible by the "
               f"{device_count} devices")
+    groups = (train.mask_groups * process_count if train.mask_groups else device_count)
+    if config.dino.koleo_loss_weight > 0 and train.batch_size // groups < 2:
+        _fail("train.batch_size", f"{train.batch_size} images in {groups} mask groups: KoLeo "
+              "needs at least 2 images per group (fewer train.mask_groups or a larger batch)")
     if optim.warmup_epochs > optim.epochs:
         _fail("optim.warmup_epochs", f"{optim.warmup_epochs} warmup epochs exceed "
               f"optim.epochs={optim.epochs}")

@@ -166,6 +166,7 @@ def _tiny_config():
     ("student.arch", "vit_huge", "student.arch: 'vit_huge' is not one of"),
     ("mesh.fsdp", 3, "mesh: data=-1 x fsdp=3 does not fit 4 devices"),
     ("student.drop_path_rate", 1.5, "student.drop_path_rate: 1.5 is not in [0, 1)"),
+    ("train.batch_size", 4, "train.batch_size: 4 images in 4 mask groups: KoLeo needs at least 2"),
 ])
 def test_bad_configs_name_the_key(key, value, message):
     config = _tiny_config()

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 def _manager(directory, keep=None, async_save=True):
@@ -44,11 +45,17 @@ class Checkpointer:
     def restore_latest(self, abstract_state, data_iter):
         """(state, meta) of the newest readable checkpoint, or None when there is none."""
         for step in reversed(self.steps()):
-            args = {"state": ocp.args.StandardRestore(abstract_state),
-                    "meta": ocp.args.JsonRestore()}
-            if data_iter is not None:
-                args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
             try:
+                meta = self._manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                args = {"state": ocp.args.StandardRestore(abstract_state),
+                        "meta": ocp.args.JsonRestore()}
+                if data_iter is not None and meta.get("process_count") == jax.process_count():
+                    args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+                elif data_iter is not None:
+                    logging.warning("checkpoint at step %d was written by %s processes, this run "
+                                    "has %d: the state resumes, the data order starts afresh",
+                                    step, meta.get("process_count"), jax.process_count())
                 restored = self._manager.restore(step, args=ocp.args.Composite(**args))
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is skipped
                 self._set_aside(step, error)
@@ -64,7 +71,10 @@ class Checkpointer:
         logging.warning("checkpoint at step %d is unreadable (%s: %s); moved it to %s and "
                         "trying the one before it", step, type(error).__name__, str(error)[:300],
                         target)
-        os.rename(os.path.join(self.directory, str(step)), target)
+        if jax.process_index() == 0:
+            os.rename(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
         self._manager.reload()
 
     def close(self):

@@ -116,7 +116,7 @@ def _knn(networks, config, teacher, writer, step):
 
 def train(config, workdir):
     """Trains `config` in `workdir`, resuming from its newest checkpoint; returns final metrics."""
-    configs.validate(config, jax.device_count())
+    configs.validate(config, jax.device_count(), jax.process_count())
     os.makedirs(workdir, exist_ok=True)
     writer = metrics_lib.MetricWriter(workdir)
     total_steps = configs.total_steps(config)
@@ -150,8 +150,9 @@ def train(config, workdir):
         writer.console(f"resumed from step {int(state['step'])} in {checkpointer.directory}")
     else:
         state = jax.jit(init_state, out_shardings=state_shardings)(rng)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=1))
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json(indent=1))
     if jax.process_index() == 0:
         parameter_overview.log_parameter_overview(state["student"], include_stats=False,
                                                   msg="student parameters")
@@ -168,7 +169,8 @@ def train(config, workdir):
     peak = flops.peak_flops_per_device(override=config.peak_flops)
 
     def save(step_number):
-        meta = {"config": config.to_json(), "step": step_number, "wall_time": time.time()}
+        meta = {"config": config.to_json(), "step": step_number, "wall_time": time.time(),
+                "process_count": jax.process_count()}
         checkpointer.save(step_number, state, data_iter, meta)
 
     preemption = _Preemption()
