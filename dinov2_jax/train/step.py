@@ -15,8 +15,18 @@ from dinov2_jax.train import state as state_lib
 
 
 def _flatten_crops(x):
-    """(crops, B, ...) -> (crops * B, ...), crop-major."""
-    return x.reshape(-1, *x.shape[2:])
+    """(crops, B, ...) -> (B * crops, ...), image-major.
+
+    Image-major keeps each device's images on that device when B is sharded; a crop-major
+    reshape would gather the whole batch everywhere. The backbone is per image, so the order
+    of rows changes nothing but which rows a drop-path draw keeps.
+    """
+    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+def _unflatten_crops(x, crops):
+    """(B * crops, ...) -> (crops, B, ...), the inverse of _flatten_crops."""
+    return x.reshape(-1, crops, *x.shape[1:]).swapaxes(0, 1)
 
 
 def gather_masked_patches(patch_tokens, mask_indices):
@@ -32,9 +42,9 @@ def _teacher_targets(networks, config, teacher, centers, batch, teacher_temp):
     """Teacher probabilities for cls (2, B, K) and masked patches (G, U, K); new centers."""
     global_crops = batch["global_crops"]
     out = networks.backbone.apply({"params": teacher["backbone"]}, _flatten_crops(global_crops))
-    crops, batch_size = global_crops.shape[:2]
-    cls = out["x_norm_clstoken"].reshape(crops, batch_size, -1)
-    patches = out["x_norm_patchtokens"].reshape(crops, batch_size, *out["x_norm_patchtokens"].shape[1:])
+    crops = global_crops.shape[0]
+    cls = _unflatten_crops(out["x_norm_clstoken"], crops)
+    patches = _unflatten_crops(out["x_norm_patchtokens"], crops)
     cls_logits = networks.dino_head.apply({"params": teacher["dino_head"]}, cls)
     patch_head_params = teacher["ibot_head"] if networks.ibot_head else teacher["dino_head"]
     patch_logits = networks.patch_head().apply(
@@ -61,10 +71,9 @@ def _student_loss(networks, config, student, batch, targets, rng):
         {"params": student["backbone"]},
         [_flatten_crops(global_crops), _flatten_crops(local_crops)],
         [_flatten_crops(batch["masks"]), None], train=True, rngs={"dropout": rng})
-    global_cls = global_out["x_norm_clstoken"].reshape(crops, batch_size, -1)
-    local_cls = local_out["x_norm_clstoken"].reshape(n_local, batch_size, -1)
-    patches = global_out["x_norm_patchtokens"]
-    patches = patches.reshape(crops, batch_size, *patches.shape[1:])
+    global_cls = _unflatten_crops(global_out["x_norm_clstoken"], crops)
+    local_cls = _unflatten_crops(local_out["x_norm_clstoken"], n_local)
+    patches = _unflatten_crops(global_out["x_norm_patchtokens"], crops)
     dino_head = {"params": student["dino_head"]}
     global_logits = networks.dino_head.apply(dino_head, global_cls)
     local_logits = networks.dino_head.apply(dino_head, local_cls)
