@@ -10,11 +10,17 @@ import jax
 
 from dinov2_jax.models import vit
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets), matched against device_kind.
-PEAK_FLOPS = (
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("v6", 918e12), ("v5p", 459e12),
-    ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12),
+# Dense bf16 peak FLOP/s per device (vendor datasheets). GPUs: the first name contained in
+# jax's device_kind wins (e.g. "NVIDIA H100 80GB HBM3" is an SXM H100, "NVIDIA H100 PCIe" not).
+GPU_PEAK_FLOPS = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+    ("H200 NVL", 835e12), ("H200", 989e12), ("A100", 312e12),
 )
+# TPUs by exact device_kind: v5e reports "TPU v5 lite", v5p "TPU v5", v6e "TPU v6 lite".
+TPU_PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12,
+    "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
 
 
 def peak_flops_per_device(device=None, override=0.0):
@@ -22,7 +28,9 @@ def peak_flops_per_device(device=None, override=0.0):
     if override:
         return float(override)
     kind = (device or jax.devices()[0]).device_kind
-    return next((flops for name, flops in PEAK_FLOPS if name.lower() in kind.lower()), None)
+    if kind in TPU_PEAK_FLOPS:
+        return TPU_PEAK_FLOPS[kind]
+    return next((flops for name, flops in GPU_PEAK_FLOPS if name.lower() in kind.lower()), None)
 
 
 def block_flops(tokens, dim, ffn_hidden, ffn_layer):

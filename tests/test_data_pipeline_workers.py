@@ -7,12 +7,12 @@ flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags.
 
 
 def test_resume_is_exact_with_workers_and_matches_in_process():
-  check_resume(num_workers=2)
+    check_resume(num_workers=2)
 
 
 def test_three_percent_bad_files_counted_across_workers(tmp_path, caplog):
-  check_three_percent_bad(tmp_path, caplog, num_workers=2)
+    check_three_percent_bad(tmp_path, caplog, num_workers=2)
 
 
 def test_thirty_percent_bad_files_stop_from_a_worker(tmp_path):
-  check_thirty_percent_bad(tmp_path, num_workers=2)
+    check_thirty_percent_bad(tmp_path, num_workers=2)

@@ -45,29 +45,29 @@ PAPER_BLUR_PROBS = (1.0, 0.1, 0.5)
 
 @dataclasses.dataclass(frozen=True)
 class MultiCropSpec:
-  """What DataAugmentationDINO is built with (config.crops)."""
-  global_crops_size: int = 224
-  local_crops_size: int = 96
-  local_crops_number: int = 8
-  global_crops_scale: tuple[float, float] = (0.32, 1.0)
-  local_crops_scale: tuple[float, float] = (0.05, 0.32)
-  paper_blur_probs: bool = False
+    """What DataAugmentationDINO is built with (config.crops)."""
+    global_crops_size: int = 224
+    local_crops_size: int = 96
+    local_crops_number: int = 8
+    global_crops_scale: tuple[float, float] = (0.32, 1.0)
+    local_crops_scale: tuple[float, float] = (0.05, 0.32)
+    paper_blur_probs: bool = False
 
-  @classmethod
-  def from_config(cls, crops) -> "MultiCropSpec":
-    """Reads config.crops (missing keys take the reference defaults)."""
-    defaults = cls()
-    return cls(
-        global_crops_size=int(crops.get("global_crops_size", defaults.global_crops_size)),
-        local_crops_size=int(crops.get("local_crops_size", defaults.local_crops_size)),
-        local_crops_number=int(crops.get("local_crops_number", defaults.local_crops_number)),
-        global_crops_scale=tuple(crops.get("global_crops_scale", defaults.global_crops_scale)),
-        local_crops_scale=tuple(crops.get("local_crops_scale", defaults.local_crops_scale)),
-        paper_blur_probs=bool(crops.get("paper_blur_probs", defaults.paper_blur_probs)))
+    @classmethod
+    def from_config(cls, crops) -> "MultiCropSpec":
+        """Reads config.crops (missing keys take the reference defaults)."""
+        defaults = cls()
+        return cls(
+            global_crops_size=int(crops.get("global_crops_size", defaults.global_crops_size)),
+            local_crops_size=int(crops.get("local_crops_size", defaults.local_crops_size)),
+            local_crops_number=int(crops.get("local_crops_number", defaults.local_crops_number)),
+            global_crops_scale=tuple(crops.get("global_crops_scale", defaults.global_crops_scale)),
+            local_crops_scale=tuple(crops.get("local_crops_scale", defaults.local_crops_scale)),
+            paper_blur_probs=bool(crops.get("paper_blur_probs", defaults.paper_blur_probs)))
 
-  @property
-  def blur_probs(self) -> tuple[float, float, float]:
-    return PAPER_BLUR_PROBS if self.paper_blur_probs else RELEASED_BLUR_PROBS
+    @property
+    def blur_probs(self) -> tuple[float, float, float]:
+        return PAPER_BLUR_PROBS if self.paper_blur_probs else RELEASED_BLUR_PROBS
 
 
 # ---------------------------------------------------------------- random parameters
@@ -75,38 +75,38 @@ class MultiCropSpec:
 
 def random_resized_crop_params(width: int, height: int, scale, rng: np.random.Generator,
                                ratio=CROP_RATIO) -> tuple[int, int, int, int]:
-  """torchvision RandomResizedCrop.get_params: (top, left, crop_height, crop_width)."""
-  area = height * width
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  for _ in range(10):
-    target_area = area * rng.uniform(scale[0], scale[1])
-    aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-    w = int(round(math.sqrt(target_area * aspect_ratio)))
-    h = int(round(math.sqrt(target_area / aspect_ratio)))
-    if 0 < w <= width and 0 < h <= height:
-      top = int(rng.integers(0, height - h + 1))
-      left = int(rng.integers(0, width - w + 1))
-      return top, left, h, w
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    w, h = width, int(round(width / min(ratio)))
-  elif in_ratio > max(ratio):
-    h, w = height, int(round(height * max(ratio)))
-  else:
-    w, h = width, height
-  return (height - h) // 2, (width - w) // 2, h, w
+    """torchvision RandomResizedCrop.get_params: (top, left, crop_height, crop_width)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def color_jitter_params(rng: np.random.Generator, brightness=JITTER["brightness"],
                         contrast=JITTER["contrast"], saturation=JITTER["saturation"],
                         hue=JITTER["hue"]):
-  """torchvision ColorJitter.get_params: op order (permutation of 0..3) and the four factors."""
-  order = rng.permutation(4)
-  factors = (rng.uniform(max(0.0, 1 - brightness), 1 + brightness),
-             rng.uniform(max(0.0, 1 - contrast), 1 + contrast),
-             rng.uniform(max(0.0, 1 - saturation), 1 + saturation),
-             rng.uniform(-hue, hue))
-  return order, factors
+    """torchvision ColorJitter.get_params: op order (permutation of 0..3) and the four factors."""
+    order = rng.permutation(4)
+    factors = (rng.uniform(max(0.0, 1 - brightness), 1 + brightness),
+               rng.uniform(max(0.0, 1 - contrast), 1 + contrast),
+               rng.uniform(max(0.0, 1 - saturation), 1 + saturation),
+               rng.uniform(-hue, hue))
+    return order, factors
 
 
 # ---------------------------------------------------------------- ops at fixed parameters
@@ -114,167 +114,167 @@ def color_jitter_params(rng: np.random.Generator, brightness=JITTER["brightness"
 
 def resized_crop(image: Image.Image, top: int, left: int, height: int, width: int,
                  size: int) -> Image.Image:
-  """torchvision F.resized_crop on a PIL image with bicubic interpolation."""
-  return image.crop((left, top, left + width, top + height)).resize((size, size), Image.BICUBIC)
+    """torchvision F.resized_crop on a PIL image with bicubic interpolation."""
+    return image.crop((left, top, left + width, top + height)).resize((size, size), Image.BICUBIC)
 
 
 def hflip(image: Image.Image) -> Image.Image:
-  return image.transpose(Image.FLIP_LEFT_RIGHT)
+    return image.transpose(Image.FLIP_LEFT_RIGHT)
 
 
 def adjust_brightness(image: Image.Image, factor: float) -> Image.Image:
-  return ImageEnhance.Brightness(image).enhance(factor)
+    return ImageEnhance.Brightness(image).enhance(factor)
 
 
 def adjust_contrast(image: Image.Image, factor: float) -> Image.Image:
-  return ImageEnhance.Contrast(image).enhance(factor)
+    return ImageEnhance.Contrast(image).enhance(factor)
 
 
 def adjust_saturation(image: Image.Image, factor: float) -> Image.Image:
-  return ImageEnhance.Color(image).enhance(factor)
+    return ImageEnhance.Color(image).enhance(factor)
 
 
 def adjust_hue(image: Image.Image, hue_factor: float) -> Image.Image:
-  """Shifts the hue byte of PIL's 8-bit HSV by int(hue_factor * 255), wrapping around."""
-  h, s, v = image.convert("HSV").split()
-  shifted = np.asarray(h, np.uint8) + np.uint8(np.int32(hue_factor * 255) & 0xFF)
-  return Image.merge("HSV", (Image.fromarray(shifted, "L"), s, v)).convert("RGB")
+    """Shifts the hue byte of PIL's 8-bit HSV by int(hue_factor * 255), wrapping around."""
+    h, s, v = image.convert("HSV").split()
+    shifted = np.asarray(h, np.uint8) + np.uint8(np.int32(hue_factor * 255) & 0xFF)
+    return Image.merge("HSV", (Image.fromarray(shifted, "L"), s, v)).convert("RGB")
 
 
 def to_grayscale(image: Image.Image) -> Image.Image:
-  """ITU-R 601-2 luma (PIL's "L"), replicated to three channels."""
-  return image.convert("L").convert("RGB")
+    """ITU-R 601-2 luma (PIL's "L"), replicated to three channels."""
+    return image.convert("L").convert("RGB")
 
 
 def gaussian_blur_kernel(sigma: float, kernel_size: int = BLUR_KERNEL_SIZE) -> np.ndarray:
-  """torchvision's 1-D Gaussian kernel in float32 (normalised to sum 1)."""
-  half = (kernel_size - 1) * 0.5
-  x = np.linspace(-half, half, kernel_size, dtype=np.float32)
-  pdf = np.exp(np.float32(-0.5) * (x / np.float32(sigma)) ** 2)
-  return pdf / pdf.sum()
+    """torchvision's 1-D Gaussian kernel in float32 (normalised to sum 1)."""
+    half = (kernel_size - 1) * 0.5
+    x = np.linspace(-half, half, kernel_size, dtype=np.float32)
+    pdf = np.exp(np.float32(-0.5) * (x / np.float32(sigma)) ** 2)
+    return pdf / pdf.sum()
 
 
 def gaussian_blur(image: np.ndarray, sigma: float,
                   kernel_size: int = BLUR_KERNEL_SIZE) -> np.ndarray:
-  """torchvision F.gaussian_blur (reflect padding) of an (H, W, 3) uint8 array, rounded."""
-  kernel = gaussian_blur_kernel(sigma, kernel_size)
-  # scipy's "mirror" mode is torch's "reflect" padding (the edge pixel is not repeated).
-  out = scipy.ndimage.correlate1d(image, kernel, axis=0, output=np.float32, mode="mirror")
-  out = scipy.ndimage.correlate1d(out, kernel, axis=1, output=np.float32, mode="mirror")
-  return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    """torchvision F.gaussian_blur (reflect padding) of an (H, W, 3) uint8 array, rounded."""
+    kernel = gaussian_blur_kernel(sigma, kernel_size)
+    # scipy's "mirror" mode is torch's "reflect" padding (the edge pixel is not repeated).
+    out = scipy.ndimage.correlate1d(image, kernel, axis=0, output=np.float32, mode="mirror")
+    out = scipy.ndimage.correlate1d(out, kernel, axis=1, output=np.float32, mode="mirror")
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def solarize(image: np.ndarray, threshold: int = SOLARIZE_THRESHOLD) -> np.ndarray:
-  """PIL ImageOps.solarize on a uint8 array: values >= threshold are inverted."""
-  return np.where(image >= threshold, 255 - image, image).astype(np.uint8)
+    """PIL ImageOps.solarize on a uint8 array: values >= threshold are inverted."""
+    return np.where(image >= threshold, 255 - image, image).astype(np.uint8)
 
 
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
 def color_jitter(image: Image.Image, order, factors) -> Image.Image:
-  for op_index in order:
-    image = _JITTER_OPS[op_index](image, factors[op_index])
-  return image
+    for op_index in order:
+        image = _JITTER_OPS[op_index](image, factors[op_index])
+    return image
 
 
 # ---------------------------------------------------------------- the reference's pipelines
 
 
 def _geometric(image: Image.Image, size: int, scale, rng: np.random.Generator) -> Image.Image:
-  top, left, h, w = random_resized_crop_params(image.width, image.height, scale, rng)
-  crop = resized_crop(image, top, left, h, w, size)
-  return hflip(crop) if rng.random() < 0.5 else crop
+    top, left, h, w = random_resized_crop_params(image.width, image.height, scale, rng)
+    crop = resized_crop(image, top, left, h, w, size)
+    return hflip(crop) if rng.random() < 0.5 else crop
 
 
 def _photometric(image: Image.Image, blur_prob: float, may_solarize: bool,
                  rng: np.random.Generator) -> np.ndarray:
-  if rng.random() < JITTER_PROBABILITY:
-    image = color_jitter(image, *color_jitter_params(rng))
-  if rng.random() < GRAYSCALE_PROBABILITY:
-    image = to_grayscale(image)
-  array = np.asarray(image)
-  if rng.random() < blur_prob:
-    array = gaussian_blur(array, rng.uniform(*BLUR_SIGMA))
-  if may_solarize and rng.random() < SOLARIZE_PROBABILITY:
-    array = solarize(array)
-  return array
+    if rng.random() < JITTER_PROBABILITY:
+        image = color_jitter(image, *color_jitter_params(rng))
+    if rng.random() < GRAYSCALE_PROBABILITY:
+        image = to_grayscale(image)
+    array = np.asarray(image)
+    if rng.random() < blur_prob:
+        array = gaussian_blur(array, rng.uniform(*BLUR_SIGMA))
+    if may_solarize and rng.random() < SOLARIZE_PROBABILITY:
+        array = solarize(array)
+    return array
 
 
 def multi_crop(image, rng: np.random.Generator, spec: MultiCropSpec) -> dict[str, np.ndarray]:
-  """DataAugmentationDINO on one RGB image (PIL or uint8 HWC array), without normalisation.
+    """DataAugmentationDINO on one RGB image (PIL or uint8 HWC array), without normalisation.
 
-  Returns {"global_crops": (2, G, G, 3) uint8, "local_crops": (n_local, L, L, 3) uint8}.
-  """
-  if isinstance(image, np.ndarray):
-    image = Image.fromarray(image)
-  g, l = spec.global_crops_size, spec.local_crops_size
-  blur_global1, blur_global2, blur_local = spec.blur_probs
-  global_crops = np.empty((2, g, g, 3), np.uint8)
-  local_crops = np.empty((spec.local_crops_number, l, l, 3), np.uint8)
-  global_crops[0] = _photometric(_geometric(image, g, spec.global_crops_scale, rng),
-                                 blur_global1, False, rng)
-  global_crops[1] = _photometric(_geometric(image, g, spec.global_crops_scale, rng),
-                                 blur_global2, True, rng)
-  for i in range(spec.local_crops_number):
-    local_crops[i] = _photometric(_geometric(image, l, spec.local_crops_scale, rng),
-                                  blur_local, False, rng)
-  return {"global_crops": global_crops, "local_crops": local_crops}
+    Returns {"global_crops": (2, G, G, 3) uint8, "local_crops": (n_local, L, L, 3) uint8}.
+    """
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    g, l = spec.global_crops_size, spec.local_crops_size
+    blur_global1, blur_global2, blur_local = spec.blur_probs
+    global_crops = np.empty((2, g, g, 3), np.uint8)
+    local_crops = np.empty((spec.local_crops_number, l, l, 3), np.uint8)
+    global_crops[0] = _photometric(_geometric(image, g, spec.global_crops_scale, rng),
+                                   blur_global1, False, rng)
+    global_crops[1] = _photometric(_geometric(image, g, spec.global_crops_scale, rng),
+                                   blur_global2, True, rng)
+    for i in range(spec.local_crops_number):
+        local_crops[i] = _photometric(_geometric(image, l, spec.local_crops_scale, rng),
+                                      blur_local, False, rng)
+    return {"global_crops": global_crops, "local_crops": local_crops}
 
 
 @functools.lru_cache(maxsize=16)
 def _row_constants(width: int) -> tuple[np.ndarray, np.ndarray]:
-  # Per-channel constants tiled along a whole image row: numpy's inner loop then runs over
-  # width * 3 values instead of 3, about 6x faster.
-  return np.tile(_INV_STD_255, width), np.tile(_NORMALIZED_ZERO, width)
+    # Per-channel constants tiled along a whole image row: numpy's inner loop then runs over
+    # width * 3 values instead of 3, about 6x faster.
+    return np.tile(_INV_STD_255, width), np.tile(_NORMALIZED_ZERO, width)
 
 
 def normalize_into(out: np.ndarray, images: np.ndarray) -> np.ndarray:
-  """Writes (images / 255 - mean) / std (ImageNet) of uint8 images (..., W, 3) into float32
-  `out` of the same shape (a view whose last two axes are contiguous)."""
-  scale, offset = _row_constants(images.shape[-2])
-  rows = out.view()
-  rows.shape = out.shape[:-2] + (out.shape[-2] * 3,)  # Raises rather than copy.
-  rows[...] = images.reshape(rows.shape)
-  rows *= scale
-  rows += offset
-  return out
+    """Writes (images / 255 - mean) / std (ImageNet) of uint8 images (..., W, 3) into float32
+    `out` of the same shape (a view whose last two axes are contiguous)."""
+    scale, offset = _row_constants(images.shape[-2])
+    rows = out.view()
+    rows.shape = out.shape[:-2] + (out.shape[-2] * 3,)  # Raises rather than copy.
+    rows[...] = images.reshape(rows.shape)
+    rows *= scale
+    rows += offset
+    return out
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
-  """uint8 images (..., 3) -> float32 (x / 255 - mean) / std with ImageNet statistics."""
-  return normalize_into(np.empty(images.shape, np.float32), images)
+    """uint8 images (..., 3) -> float32 (x / 255 - mean) / std with ImageNet statistics."""
+    return normalize_into(np.empty(images.shape, np.float32), images)
 
 
 # ---------------------------------------------------------------- evaluation
 
 
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:
-  """torchvision Resize(size) with an int size: the short side becomes `size`, bicubic."""
-  width, height = image.size
-  short, long = (width, height) if width <= height else (height, width)
-  if short == size:
-    return image
-  new_short, new_long = size, int(size * long / short)
-  new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-  return image.resize((new_w, new_h), Image.BICUBIC)
+    """torchvision Resize(size) with an int size: the short side becomes `size`, bicubic."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    if short == size:
+        return image
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    return image.resize((new_w, new_h), Image.BICUBIC)
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
-  """torchvision CenterCrop(size): pads with zeros when the image is smaller, then crops."""
-  width, height = image.size
-  if width < size or height < size:
-    padded = Image.new(image.mode, (max(width, size), max(height, size)))
-    padded.paste(image, ((max(width, size) - width) // 2, (max(height, size) - height) // 2))
-    image, (width, height) = padded, padded.size
-  top = int(round((height - size) / 2.0))
-  left = int(round((width - size) / 2.0))
-  return image.crop((left, top, left + size, top + size))
+    """torchvision CenterCrop(size): pads with zeros when the image is smaller, then crops."""
+    width, height = image.size
+    if width < size or height < size:
+        padded = Image.new(image.mode, (max(width, size), max(height, size)))
+        padded.paste(image, ((max(width, size) - width) // 2, (max(height, size) - height) // 2))
+        image, (width, height) = padded, padded.size
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
 
 
 def eval_transform(image, resize_size: int = 256, crop_size: int = 224) -> np.ndarray:
-  """The reference's k-NN/linear eval transform without normalisation: resize short side
-  (bicubic), center crop. Returns an (crop_size, crop_size, 3) uint8 array."""
-  if isinstance(image, np.ndarray):
-    image = Image.fromarray(image)
-  return np.asarray(center_crop(resize_short_side(image, resize_size), crop_size))
+    """The reference's k-NN/linear eval transform without normalisation: resize short side
+    (bicubic), center crop. Returns an (crop_size, crop_size, 3) uint8 array."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    return np.asarray(center_crop(resize_short_side(image, resize_size), crop_size))

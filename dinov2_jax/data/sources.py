@@ -39,237 +39,237 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class BadRecordError(ValueError):
-  """A record that cannot be turned into an image (unreadable, malformed or corrupt)."""
+    """A record that cannot be turned into an image (unreadable, malformed or corrupt)."""
 
 
 class CorruptImageError(BadRecordError):
-  """Image data that does not decode: corrupt, truncated, zero bytes, or zero pixels."""
+    """Image data that does not decode: corrupt, truncated, zero bytes, or zero pixels."""
 
 
 def _rgb_from_array(array: np.ndarray) -> np.ndarray:
-  """Converts a gray, gray+alpha, RGB or RGBA array (uint8, uint16 or bool) to RGB uint8."""
-  if array.dtype == np.uint16:
-    array = np.round(array.astype(np.float32) / 257.0).astype(np.uint8)
-  elif array.dtype == bool:
-    array = array.astype(np.uint8) * 255
-  elif array.dtype != np.uint8:
-    raise CorruptImageError(f"unsupported image array dtype {array.dtype}")
-  if array.ndim == 2:
-    array = array[:, :, None]
-  if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
-    raise CorruptImageError(f"unsupported image array shape {array.shape}")
-  if array.shape[0] == 0 or array.shape[1] == 0:
-    raise CorruptImageError(f"image has zero pixels (shape {array.shape})")
-  channels = array.shape[-1]
-  if channels in (1, 2):
-    array = np.repeat(array[:, :, :1], 3, axis=-1)
-  return np.ascontiguousarray(array[:, :, :3])
+    """Converts a gray, gray+alpha, RGB or RGBA array (uint8, uint16 or bool) to RGB uint8."""
+    if array.dtype == np.uint16:
+        array = np.round(array.astype(np.float32) / 257.0).astype(np.uint8)
+    elif array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype != np.uint8:
+        raise CorruptImageError(f"unsupported image array dtype {array.dtype}")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
+        raise CorruptImageError(f"unsupported image array shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise CorruptImageError(f"image has zero pixels (shape {array.shape})")
+    channels = array.shape[-1]
+    if channels in (1, 2):
+        array = np.repeat(array[:, :, :1], 3, axis=-1)
+    return np.ascontiguousarray(array[:, :, :3])
 
 
 def _rgb_from_pil(image: Image.Image) -> np.ndarray:
-  """Converts a loaded PIL image of any mode to an RGB uint8 array."""
-  if image.width == 0 or image.height == 0:
-    raise CorruptImageError(f"image has zero pixels ({image.width}x{image.height})")
-  if image.mode in _SIXTEEN_BIT_MODES:
-    values = np.asarray(image).astype(np.float32)
-    return _rgb_from_array(np.round(np.clip(values, 0, 65535) / 257.0).astype(np.uint8))
-  if image.mode == "F":
-    return _rgb_from_array(np.round(np.clip(np.asarray(image), 0, 255)).astype(np.uint8))
-  if image.mode == "RGB":
-    return np.asarray(image)
-  if image.mode in ("P", "PA") and "transparency" in image.info:
-    image = image.convert("RGBA")
-  return np.asarray(image.convert("RGB"))
+    """Converts a loaded PIL image of any mode to an RGB uint8 array."""
+    if image.width == 0 or image.height == 0:
+        raise CorruptImageError(f"image has zero pixels ({image.width}x{image.height})")
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float32)
+        return _rgb_from_array(np.round(np.clip(values, 0, 65535) / 257.0).astype(np.uint8))
+    if image.mode == "F":
+        return _rgb_from_array(np.round(np.clip(np.asarray(image), 0, 255)).astype(np.uint8))
+    if image.mode == "RGB":
+        return np.asarray(image)
+    if image.mode in ("P", "PA") and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return np.asarray(image.convert("RGB"))
 
 
 def decode_image(data) -> np.ndarray:
-  """Decodes encoded bytes (any PIL format) or an image array to an (H, W, 3) uint8 RGB array.
+    """Decodes encoded bytes (any PIL format) or an image array to an (H, W, 3) uint8 RGB array.
 
-  Raises CorruptImageError for zero-byte, truncated, corrupt or zero-pixel data and for
-  modes that cannot be converted.
-  """
-  if isinstance(data, np.ndarray):
-    return _rgb_from_array(data)
-  if data is None or len(data) == 0:
-    raise CorruptImageError("zero-byte image")
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      image.load()
-      return _rgb_from_pil(image)
-  except CorruptImageError:
-    raise
-  except Exception as e:  # Any failure to decode bytes means the data is corrupt.
-    raise CorruptImageError(
-        f"cannot decode {len(data)}-byte image: {type(e).__name__}: {e}") from e
+    Raises CorruptImageError for zero-byte, truncated, corrupt or zero-pixel data and for
+    modes that cannot be converted.
+    """
+    if isinstance(data, np.ndarray):
+        return _rgb_from_array(data)
+    if data is None or len(data) == 0:
+        raise CorruptImageError("zero-byte image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return _rgb_from_pil(image)
+    except CorruptImageError:
+        raise
+    except Exception as e:  # Any failure to decode bytes means the data is corrupt.
+        raise CorruptImageError(
+            f"cannot decode {len(data)}-byte image: {type(e).__name__}: {e}") from e
 
 
 def decode_record(record: dict) -> np.ndarray:
-  """Decodes a source record's image, raising BadRecordError when it was unreadable."""
-  if "error" in record:
-    raise BadRecordError(record["error"])
-  return decode_image(record["image"])
+    """Decodes a source record's image, raising BadRecordError when it was unreadable."""
+    if "error" in record:
+        raise BadRecordError(record["error"])
+    return decode_image(record["image"])
 
 
 def encode_record(image_bytes: bytes, label: int, key: str) -> bytes:
-  """Serialises one ArrayRecord entry: magic, header length, JSON header, then image bytes."""
-  header = json.dumps({"label": int(label), "key": key}).encode()
-  return _RECORD_MAGIC + struct.pack("<I", len(header)) + header + bytes(image_bytes)
+    """Serialises one ArrayRecord entry: magic, header length, JSON header, then image bytes."""
+    header = json.dumps({"label": int(label), "key": key}).encode()
+    return _RECORD_MAGIC + struct.pack("<I", len(header)) + header + bytes(image_bytes)
 
 
 def parse_record(serialized: bytes, fallback_key: str) -> dict:
-  """Inverse of encode_record; malformed entries become records with an "error"."""
-  if serialized[:4] != _RECORD_MAGIC or len(serialized) < 8:
-    return {"image": None, "label": UNKNOWN_LABEL, "key": fallback_key,
-            "error": "not a dinov2_jax image record (bad magic)"}
-  (header_len,) = struct.unpack("<I", serialized[4:8])
-  try:
-    header = json.loads(serialized[8:8 + header_len])
-  except ValueError as e:
-    return {"image": None, "label": UNKNOWN_LABEL, "key": fallback_key,
-            "error": f"malformed record header: {e}"}
-  return {"image": serialized[8 + header_len:], "label": int(header["label"]),
-          "key": header["key"]}
+    """Inverse of encode_record; malformed entries become records with an "error"."""
+    if serialized[:4] != _RECORD_MAGIC or len(serialized) < 8:
+        return {"image": None, "label": UNKNOWN_LABEL, "key": fallback_key,
+                "error": "not a dinov2_jax image record (bad magic)"}
+    (header_len,) = struct.unpack("<I", serialized[4:8])
+    try:
+        header = json.loads(serialized[8:8 + header_len])
+    except ValueError as e:
+        return {"image": None, "label": UNKNOWN_LABEL, "key": fallback_key,
+                "error": f"malformed record header: {e}"}
+    return {"image": serialized[8 + header_len:], "label": int(header["label"]),
+            "key": header["key"]}
 
 
 def list_image_files(root: str) -> tuple[list[str], list[str]]:
-  """Image paths under root (recursive, sorted) and the class names (top-level sub-folders)."""
-  paths = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames.sort()
-    paths.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                 if f.lower().endswith(IMAGE_EXTENSIONS))
-  classes = sorted({os.path.relpath(p, root).split(os.sep)[0] for p in paths
-                    if os.sep in os.path.relpath(p, root)})
-  return paths, classes
+    """Image paths under root (recursive, sorted) and the class names (top-level sub-folders)."""
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        paths.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+                     if f.lower().endswith(IMAGE_EXTENSIONS))
+    classes = sorted({os.path.relpath(p, root).split(os.sep)[0] for p in paths
+                      if os.sep in os.path.relpath(p, root)})
+    return paths, classes
 
 
 def folder_label(path: str, root: str, class_index: dict[str, int]) -> int:
-  """Label of a file: index of its top-level sub-folder, -1 for files directly under root."""
-  parts = os.path.relpath(path, root).split(os.sep)
-  return class_index[parts[0]] if len(parts) > 1 else UNKNOWN_LABEL
+    """Label of a file: index of its top-level sub-folder, -1 for files directly under root."""
+    parts = os.path.relpath(path, root).split(os.sep)
+    return class_index[parts[0]] if len(parts) > 1 else UNKNOWN_LABEL
 
 
 class FolderSource:
-  """Image files under a folder, recursively; top-level sub-folders name the classes.
+    """Image files under a folder, recursively; top-level sub-folders name the classes.
 
-  Labels follow torchvision's ImageFolder order (sorted sub-folder names); files directly
-  under the root get label -1. Records hold the file's bytes, decoded later.
-  """
+    Labels follow torchvision's ImageFolder order (sorted sub-folder names); files directly
+    under the root get label -1. Records hold the file's bytes, decoded later.
+    """
 
-  def __init__(self, root: str):
-    if not os.path.isdir(root):
-      raise ValueError(f"folder source {root!r} is not a directory")
-    self.root = root
-    self.paths, self.classes = list_image_files(root)
-    if not self.paths:
-      raise ValueError(f"folder source {root!r} holds no images with extensions "
-                       f"{', '.join(IMAGE_EXTENSIONS)}")
-    self._class_index = {name: i for i, name in enumerate(self.classes)}
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise ValueError(f"folder source {root!r} is not a directory")
+        self.root = root
+        self.paths, self.classes = list_image_files(root)
+        if not self.paths:
+            raise ValueError(f"folder source {root!r} holds no images with extensions "
+                             f"{', '.join(IMAGE_EXTENSIONS)}")
+        self._class_index = {name: i for i, name in enumerate(self.classes)}
 
-  def __len__(self) -> int:
-    return len(self.paths)
+    def __len__(self) -> int:
+        return len(self.paths)
 
-  def __getitem__(self, index: int) -> dict:
-    path = self.paths[index]
-    label = folder_label(path, self.root, self._class_index)
-    try:
-      with open(path, "rb") as f:
-        data = f.read()
-    except OSError as e:
-      return {"image": None, "label": label, "key": path, "error": f"cannot read file: {e}"}
-    return {"image": data, "label": label, "key": path}
+    def __getitem__(self, index: int) -> dict:
+        path = self.paths[index]
+        label = folder_label(path, self.root, self._class_index)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            return {"image": None, "label": label, "key": path, "error": f"cannot read file: {e}"}
+        return {"image": data, "label": label, "key": path}
 
 
 class ArrayRecordSource:
-  """ArrayRecord shards of image records written by `dinov2_jax.data.prepare`."""
+    """ArrayRecord shards of image records written by `dinov2_jax.data.prepare`."""
 
-  def __init__(self, pattern: str):
-    import grain  # Imported here: only this source needs array_record.
-    self.paths = sorted(glob.glob(pattern))
-    if not self.paths:
-      raise ValueError(f"arrayrecord source {pattern!r} matches no files")
-    self._records = grain.sources.ArrayRecordDataSource(self.paths)
+    def __init__(self, pattern: str):
+        import grain  # Imported here: only this source needs array_record.
+        self.paths = sorted(glob.glob(pattern))
+        if not self.paths:
+            raise ValueError(f"arrayrecord source {pattern!r} matches no files")
+        self._records = grain.sources.ArrayRecordDataSource(self.paths)
 
-  def __len__(self) -> int:
-    return len(self._records)
+    def __len__(self) -> int:
+        return len(self._records)
 
-  def __getitem__(self, index: int) -> dict:
-    return parse_record(self._records[index], fallback_key=f"arrayrecord[{index}]")
+    def __getitem__(self, index: int) -> dict:
+        return parse_record(self._records[index], fallback_key=f"arrayrecord[{index}]")
 
 
 class TfdsSource:
-  """A TFDS dataset prepared in array_record format, read TF-free with `tfds.data_source`.
+    """A TFDS dataset prepared in array_record format, read TF-free with `tfds.data_source`.
 
-  Images are requested undecoded (encoded bytes) so that decoding, mode conversion and
-  corrupt-data handling go through `decode_image` like every other source.
-  """
+    Images are requested undecoded (encoded bytes) so that decoding, mode conversion and
+    corrupt-data handling go through `decode_image` like every other source.
+    """
 
-  def __init__(self, name: str, split: str, data_dir: str | None = None,
-               image_key: str = "image", label_key: str = "label"):
-    import tensorflow_datasets as tfds  # Imported here: heavy, and only this source needs it.
-    self.name, self.split = name, split
-    self.image_key, self.label_key = image_key, label_key
-    self._records = tfds.data_source(
-        name, split=split, data_dir=data_dir, download=False,
-        decoders={image_key: tfds.decode.SkipDecoding()})
+    def __init__(self, name: str, split: str, data_dir: str | None = None,
+                 image_key: str = "image", label_key: str = "label"):
+        import tensorflow_datasets as tfds  # Imported here: heavy, and only this source needs it.
+        self.name, self.split = name, split
+        self.image_key, self.label_key = image_key, label_key
+        self._records = tfds.data_source(
+            name, split=split, data_dir=data_dir, download=False,
+            decoders={image_key: tfds.decode.SkipDecoding()})
 
-  def __len__(self) -> int:
-    return len(self._records)
+    def __len__(self) -> int:
+        return len(self._records)
 
-  def __getitem__(self, index: int) -> dict:
-    key = f"tfds:{self.name}:{self.split}[{index}]"
-    try:
-      example = self._records[index]
-    except Exception as e:  # Deserialisation errors of any type mean a malformed record.
-      return {"image": None, "label": UNKNOWN_LABEL, "key": key,
-              "error": f"cannot read TFDS record: {type(e).__name__}: {e}"}
-    label = int(example[self.label_key]) if self.label_key in example else UNKNOWN_LABEL
-    return {"image": example[self.image_key], "label": label, "key": key}
+    def __getitem__(self, index: int) -> dict:
+        key = f"tfds:{self.name}:{self.split}[{index}]"
+        try:
+            example = self._records[index]
+        except Exception as e:  # Deserialisation errors of any type mean a malformed record.
+            return {"image": None, "label": UNKNOWN_LABEL, "key": key,
+                    "error": f"cannot read TFDS record: {type(e).__name__}: {e}"}
+        label = int(example[self.label_key]) if self.label_key in example else UNKNOWN_LABEL
+        return {"image": example[self.image_key], "label": label, "key": key}
 
 
 def _split_options(parts: list[str], allowed: tuple[str, ...], spec: str):
-  """Separates `key=value` parts from positional parts, rejecting unknown keys."""
-  positional, options = [], {}
-  for part in parts:
-    if "=" in part:
-      key, value = part.split("=", 1)
-      if key not in allowed:
-        raise ValueError(f"source {spec!r}: unknown option {key!r} (allowed: {', '.join(allowed)})")
-      options[key] = value
-    else:
-      positional.append(part)
-  return positional, options
+    """Separates `key=value` parts from positional parts, rejecting unknown keys."""
+    positional, options = [], {}
+    for part in parts:
+        if "=" in part:
+            key, value = part.split("=", 1)
+            if key not in allowed:
+                raise ValueError(f"source {spec!r}: unknown option {key!r} (allowed: {', '.join(allowed)})")
+            options[key] = value
+        else:
+            positional.append(part)
+    return positional, options
 
 
 def open_source(spec: str):
-  """Parses a source string (see the module docstring) and returns the random-access source."""
-  if not isinstance(spec, str) or not spec:
-    raise ValueError(f"source must be a non-empty string, got {spec!r}")
-  kind, _, rest = spec.partition(":")
-  if kind == "demo":
-    from dinov2_jax.data import demo  # demo imports this module for its record format.
-    positional, options = _split_options(rest.split(":") if rest else [],
-                                         ("num_images", "image_size", "seed"), spec)
-    if len(positional) > 1 or (positional and positional[0] not in demo.SPLITS):
-      raise ValueError(f"source {spec!r}: demo split must be one of {', '.join(demo.SPLITS)}")
-    try:
-      int_options = {k: int(v) for k, v in options.items()}
-    except ValueError as e:
-      raise ValueError(f"source {spec!r}: demo options must be integers ({e})") from e
-    return demo.DemoSource(split=positional[0] if positional else "train", **int_options)
-  if kind == "folder":
-    if not rest:
-      raise ValueError(f"source {spec!r}: expected folder:/path/to/images")
-    return FolderSource(rest)
-  if kind == "arrayrecord":
-    if not rest:
-      raise ValueError(f"source {spec!r}: expected arrayrecord:/path/*.array_record")
-    return ArrayRecordSource(rest)
-  if kind == "tfds":
-    parts = re.split(r":(?![^\[]*\])", rest)  # Colons inside a split slice [..] stay.
-    positional, options = _split_options(parts, ("data_dir", "image_key", "label_key"), spec)
-    if len(positional) < 2 or not all(positional):
-      raise ValueError(f"source {spec!r}: expected tfds:NAME:SPLIT[:data_dir=/x]")
-    return TfdsSource(":".join(positional[:-1]), positional[-1], **options)
-  raise ValueError(f"unknown source {spec!r}: expected one of demo[:train|val], folder:/path, "
-                   "arrayrecord:/path/*.array_record, tfds:NAME:SPLIT[:data_dir=/x]")
+    """Parses a source string (see the module docstring) and returns the random-access source."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"source must be a non-empty string, got {spec!r}")
+    kind, _, rest = spec.partition(":")
+    if kind == "demo":
+        from dinov2_jax.data import demo  # demo imports this module for its record format.
+        positional, options = _split_options(rest.split(":") if rest else [],
+                                             ("num_images", "image_size", "seed"), spec)
+        if len(positional) > 1 or (positional and positional[0] not in demo.SPLITS):
+            raise ValueError(f"source {spec!r}: demo split must be one of {', '.join(demo.SPLITS)}")
+        try:
+            int_options = {k: int(v) for k, v in options.items()}
+        except ValueError as e:
+            raise ValueError(f"source {spec!r}: demo options must be integers ({e})") from e
+        return demo.DemoSource(split=positional[0] if positional else "train", **int_options)
+    if kind == "folder":
+        if not rest:
+            raise ValueError(f"source {spec!r}: expected folder:/path/to/images")
+        return FolderSource(rest)
+    if kind == "arrayrecord":
+        if not rest:
+            raise ValueError(f"source {spec!r}: expected arrayrecord:/path/*.array_record")
+        return ArrayRecordSource(rest)
+    if kind == "tfds":
+        parts = re.split(r":(?![^\[]*\])", rest)  # Colons inside a split slice [..] stay.
+        positional, options = _split_options(parts, ("data_dir", "image_key", "label_key"), spec)
+        if len(positional) < 2 or not all(positional):
+            raise ValueError(f"source {spec!r}: expected tfds:NAME:SPLIT[:data_dir=/x]")
+        return TfdsSource(":".join(positional[:-1]), positional[-1], **options)
+    raise ValueError(f"unknown source {spec!r}: expected one of demo[:train|val], folder:/path, "
+                     "arrayrecord:/path/*.array_record, tfds:NAME:SPLIT[:data_dir=/x]")
