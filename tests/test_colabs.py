@@ -7,13 +7,12 @@ weights and small inputs; their install cell is a no-op because dinov2_jax is im
 import glob
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dinov2_jax import convert
 from dinov2_jax.models import vit
+from tiny_params import random_params
 
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
@@ -25,24 +24,11 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(COLABS, "*.ipynb")))
 EXPECTED = {"features_pca", "knn_retrieval", "train_demo", "export_to_pytorch"}
 
 
-def _random_params(model):
-    """Fresh random params of `model`'s shapes (no XLA compile of init: quick on CPU):
-    norm scales and LayerScale near 1, everything else N(0, 0.1^2)."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0),
-                            jnp.zeros((1, model.img_size, model.img_size, 3)))["params"]
-
-    def draw(path, leaf):
-        centre = 1.0 if path[-1].key in ("scale", "gamma") else 0.0
-        return (centre + 0.1 * np.random.randn(*leaf.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
     model = vit.DinoVisionTransformer(embed_dim=32, depth=2, num_heads=2, patch_size=14,
                                       img_size=56, layerscale=1.0)
-    params = _random_params(model)
+    params = random_params(model)
     directory = tmp_path_factory.mktemp("colab") / "weights"
     convert.save_weights(str(directory), model, params)
     return str(directory)

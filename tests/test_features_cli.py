@@ -6,13 +6,13 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from dinov2_jax import convert
 from dinov2_jax.data import augment
 from dinov2_jax.models import vit
+from tiny_params import random_params
 
 
 def _cli(*args):
@@ -21,24 +21,11 @@ def _cli(*args):
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
-def _random_params(model):
-    """Fresh random params of `model`'s shapes (no XLA compile of init: quick on CPU):
-    norm scales and LayerScale near 1, everything else N(0, 0.1^2)."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0),
-                            jnp.zeros((1, model.img_size, model.img_size, 3)))["params"]
-
-    def draw(path, leaf):
-        centre = 1.0 if path[-1].key in ("scale", "gamma") else 0.0
-        return (centre + 0.1 * np.random.randn(*leaf.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 def test_image_folder_with_registers(tmp_path):
     model = vit.DinoVisionTransformer(embed_dim=32, depth=2, num_heads=2, patch_size=14,
                                       img_size=28, layerscale=1.0, num_register_tokens=3,
                                       interpolate_offset=0.0, interpolate_antialias=True)
-    params = _random_params(model)
+    params = random_params(model)
     convert.save_weights(str(tmp_path / "weights"), model, params)
     folder = tmp_path / "images"
     files = ["cats/a.png", "cats/b.jpg", "dogs/c.png", "d.png", "dogs/e.png"]
@@ -68,7 +55,7 @@ def test_image_folder_with_registers(tmp_path):
 
 def test_npy_input_with_official_safetensors(tmp_path):
     model = vit.build_backbone("vits14")
-    params = _random_params(model)  # Full ViT-S/14 shapes.
+    params = random_params(model)  # Full ViT-S/14 shapes.
     convert.write_torch_file(convert.params_to_hub(model, params),
                              str(tmp_path / "vits14.safetensors"))
     images = np.random.randn(3, 28, 42, 3).astype(np.float32)

@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -22,6 +21,7 @@ from dinov2_jax import convert
 from dinov2_jax.data import augment, sources
 from dinov2_jax.eval import extract, knn
 from dinov2_jax.models import vit
+from tiny_params import random_params
 
 KS = (10, 20, 100, 200)
 
@@ -102,23 +102,10 @@ def test_bad_inputs_are_named():
         knn.knn_classify(train, labels[:-1], train, labels, ks=(5,))
 
 
-def _random_params(model):
-    """Fresh random params of `model`'s shapes (no XLA compile of init: quick on CPU):
-    norm scales and LayerScale near 1, everything else N(0, 0.1^2)."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0),
-                            jnp.zeros((1, model.img_size, model.img_size, 3)))["params"]
-
-    def draw(path, leaf):
-        centre = 1.0 if path[-1].key in ("scale", "gamma") else 0.0
-        return (centre + 0.1 * np.random.randn(*leaf.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 def _tiny_weights(directory):
     model = vit.DinoVisionTransformer(embed_dim=32, depth=2, num_heads=2, patch_size=14,
                                       img_size=28, layerscale=1.0)
-    params = _random_params(model)
+    params = random_params(model)
     convert.save_weights(str(directory), model, params)
     return model, params
 

@@ -16,6 +16,7 @@ import pytest
 from dinov2_jax import convert
 from dinov2_jax.eval import extract, linear
 from dinov2_jax.models import vit
+from tiny_params import random_params
 
 
 def _separable_problem(n, weights, dim):
@@ -93,23 +94,10 @@ def test_optimizer_matches_torch_sgd_with_cosine_annealing():
                                    rtol=1e-5, atol=1e-7)
 
 
-def _random_params(model):
-    """Fresh random params of `model`'s shapes (no XLA compile of init: quick on CPU):
-    norm scales and LayerScale near 1, everything else N(0, 0.1^2)."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0),
-                            jnp.zeros((1, model.img_size, model.img_size, 3)))["params"]
-
-    def draw(path, leaf):
-        centre = 1.0 if path[-1].key in ("scale", "gamma") else 0.0
-        return (centre + 0.1 * np.random.randn(*leaf.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 def _tiny(directory=None, depth=4):
     model = vit.DinoVisionTransformer(embed_dim=32, depth=depth, num_heads=2, patch_size=14,
                                       img_size=28, layerscale=1.0, num_register_tokens=2)
-    params = _random_params(model)
+    params = random_params(model)
     if directory is not None:
         convert.save_weights(str(directory), model, params)
     return model, params

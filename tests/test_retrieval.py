@@ -9,14 +9,13 @@ import os
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dinov2_jax import convert
 from dinov2_jax.eval import retrieval
 from dinov2_jax.models import vit
+from tiny_params import random_params
 
 
 def numpy_retrieval(database, database_labels, queries, query_labels, ks, leave_one_out):
@@ -80,23 +79,10 @@ def test_bad_inputs_are_named():
         retrieval.retrieval_metrics(database, labels, ks=(30,))
 
 
-def _random_params(model):
-    """Fresh random params of `model`'s shapes (no XLA compile of init: quick on CPU):
-    norm scales and LayerScale near 1, everything else N(0, 0.1^2)."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0),
-                            jnp.zeros((1, model.img_size, model.img_size, 3)))["params"]
-
-    def draw(path, leaf):
-        centre = 1.0 if path[-1].key in ("scale", "gamma") else 0.0
-        return (centre + 0.1 * np.random.randn(*leaf.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 def test_retrieval_cli(tmp_path):
     model = vit.DinoVisionTransformer(embed_dim=32, depth=1, num_heads=2, patch_size=14,
                                       img_size=28, layerscale=1.0)
-    params = _random_params(model)
+    params = random_params(model)
     convert.save_weights(str(tmp_path / "weights"), model, params)
     output = tmp_path / "retrieval.json"
     cli = subprocess.run(
