@@ -37,7 +37,10 @@ def test_train_step_benchmark_runs_the_smoke_recipe_on_cpu():
     median, fastest = float(table["median ms"][0]), float(table["min ms"][0])
     assert 0 < fastest <= median
     images_per_second = float(table["img/s"][0])
-    assert abs(images_per_second - 2 / (median / 1e3)) < 0.01 * images_per_second
+    # img/s = batch / median step time; the median is printed to 0.1 ms, so on a fast step
+    # the check allows exactly that rounding (+-0.05 ms) and the 0.1 img/s of the printout.
+    slowest_rate, fastest_rate = 2 / ((median + 0.05) / 1e3), 2 / (max(median - 0.05, 1e-3) / 1e3)
+    assert slowest_rate - 0.1 <= images_per_second <= fastest_rate + 0.1
     # MFU from the printed numbers and the overridden peak of 1e12 FLOP/s.
     mfu = float(table["MFU"][0].rstrip("%")) / 100
     expected = float(table["GFLOP/img"][0]) * 1e9 * images_per_second / 1e12
