@@ -1,7 +1,6 @@
 """dinov2_jax.losses against the official dinov2 loss modules (fp32, fresh random inputs)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,19 +19,7 @@ RTOL = 1e-5  # fp32 on both sides, same formulas; observed differences are ~1e-7
 K = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_process_group():
-    """iBOT's Sinkhorn-Knopp all-reduces unconditionally; a 1-process gloo group makes it run."""
-    if torch.distributed.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                         rank=0, world_size=1)
-    yield
-    torch.distributed.destroy_process_group()
+from torch_process_group import single_process_group  # noqa: E402,F401 (autouse fixture)
 
 
 def _t(x):

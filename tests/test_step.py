@@ -14,7 +14,6 @@ same seed (equal masks are asserted).
 import functools
 import importlib.util
 import random
-import socket
 import sys
 import types
 
@@ -48,19 +47,7 @@ TINY_GRADIENT = 1e-6
 LOSS_KEYS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_process_group():
-    """iBOT's Sinkhorn-Knopp all-reduces unconditionally; a 1-process gloo group makes it run."""
-    if torch.distributed.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                         rank=0, world_size=1)
-    yield
-    torch.distributed.destroy_process_group()
+from torch_process_group import single_process_group  # noqa: E402,F401 (autouse fixture)
 
 
 def tiny_config(centering="centering", separate_head=False, ffn_layer="mlp"):
