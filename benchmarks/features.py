@@ -22,6 +22,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dinov2_jax.models import attention, vit  # noqa: E402
+from text_table import table  # noqa: E402
 
 ARCHS = ("vits14", "vitb14", "vitl14", "vitg14")
 SIZES = ((224, 256), (518, 64))  # (image size, batch) of the reference's measurement
@@ -71,16 +72,6 @@ def time_forward(model, params, size, batch, steps, warmup):
         jax.block_until_ready(features(params, images))
         seconds.append(time.perf_counter() - start)
     return np.asarray(seconds)
-
-
-def table(rows):
-    """Rows of dicts -> aligned text, columns in the first row's order."""
-    columns = list(rows[0])
-    cells = [[str(row[c]) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
 
 
 def main(argv):

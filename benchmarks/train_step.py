@@ -31,6 +31,7 @@ from dinov2_jax import configs, flops, parallel  # noqa: E402
 from dinov2_jax.data import masking  # noqa: E402
 from dinov2_jax.train import optim, schedules as schedules_lib  # noqa: E402
 from dinov2_jax.train import state as state_lib, step as step_lib  # noqa: E402
+from text_table import table  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "recipe file, e.g. configs/vitl14.py",
@@ -119,16 +120,6 @@ def time_steps(state, batch, train_step, steps, warmup):
         jax.block_until_ready((state, metrics))
         seconds.append(time.perf_counter() - start)
     return np.asarray(seconds)
-
-
-def table(rows):
-    """Rows of dicts -> aligned text, columns in the first row's order."""
-    columns = list(rows[0])
-    cells = [[str(row[c]) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
 
 
 def main(argv):

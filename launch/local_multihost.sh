@@ -38,18 +38,7 @@ if [[ -z "$log_dir" ]]; then
   done
 fi
 
-# Words joined by spaces, each single-quoted only if the shell would otherwise split or expand it.
-quoted() {
-  local word out=()
-  for word in "$@"; do
-    if [[ "$word" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/quoting.sh"
 
 xla_flags="--xla_force_host_platform_device_count=$devices${XLA_FLAGS:+ $XLA_FLAGS}"
 

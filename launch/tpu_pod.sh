@@ -34,18 +34,7 @@ where=(--zone="$ZONE")
 create_flags=(--accelerator-type="$accelerator" --version="$runtime")
 [[ "${SPOT:-0}" == "1" ]] && create_flags+=(--spot)
 
-# Words joined by spaces, each single-quoted only if the shell would otherwise split or expand it.
-quoted() {
-  local word out=()
-  for word in "$@"; do
-    if [[ "$word" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/quoting.sh"
 main_flags=$(quoted "$@")
 install="mkdir -p $(quoted "$remote_dir") && tar -xzf $(quoted "$(basename "$tarball")") -C $(quoted "$remote_dir") && python3 -m pip install -q \"jax[tpu]==$jax_version\" && python3 -m pip install -q -e $(quoted "$remote_dir")"
 run="cd $(quoted "$remote_dir") && DINOV2_JAX_DISTRIBUTED=1 python3 -m dinov2_jax.main $main_flags"
