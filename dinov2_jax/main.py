@@ -2,6 +2,8 @@
 
 Parses flags and the config, starts multi-host JAX when the environment asks for it, and hands
 off to `dinov2_jax.train.loop.train`. `--config.key=value` overrides any config entry.
+The console shows the run's own lines and warnings; `--verbosity=0` adds every library's
+INFO log (orbax's checkpoint steps, for one).
 """
 import sys
 
@@ -23,6 +25,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
     try:

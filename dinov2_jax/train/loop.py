@@ -153,9 +153,8 @@ def train(config, workdir):
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json(indent=1))
-    if jax.process_index() == 0:
-        parameter_overview.log_parameter_overview(state["student"], include_stats=False,
-                                                  msg="student parameters")
+    writer.console("student parameters:\n" + parameter_overview.get_parameter_overview(
+        state["student"], include_stats=False))
     _memory_report(state, writer)
 
     first = next(data_iter)
@@ -223,6 +222,9 @@ def train(config, workdir):
     finally:
         preemption.restore()
         checkpointer.close()
+    writer.console(f"finished step {step}/{total_steps}; the teacher exports to PyTorch with: "
+                   f"python -m dinov2_jax.convert --input {workdir} --output teacher.pth "
+                   "--format hub")
     return final
 
 

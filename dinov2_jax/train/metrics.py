@@ -9,7 +9,6 @@ import os
 
 import jax
 import numpy as np
-from absl import logging
 
 
 class MetricWriter:
@@ -26,7 +25,6 @@ class MetricWriter:
 
     def console(self, message):
         if self._active:
-            logging.info("%s", message)
             print(message, flush=True)
 
 
