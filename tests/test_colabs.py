@@ -2,7 +2,8 @@
 tagged "figure" displays an image.
 
 The notebooks read DINOV2_JAX_COLAB_TINY=1 and DINOV2_JAX_COLAB_WEIGHTS to swap in the tiny
-weights and small inputs; their install cell is a no-op because dinov2_jax is importable.
+weights and small inputs; their install cell is a no-op because dinov2_jax is importable, so
+it is also run on its own as if dinov2_jax were missing (a real git clone, pip recorded).
 """
 import glob
 import os
@@ -57,6 +58,65 @@ def test_notebook_runs_and_draws(path, tiny_weights, tmp_path, monkeypatch):
         images = [o for o in cell.outputs
                   if o.output_type == "display_data" and "image/png" in o.get("data", {})]
         assert images, f"figure cell drew nothing:\n{cell.source}"
+
+
+def _install_cell(path, **form):
+    """The notebook's install cell with its Colab form fields set, as Colab rewrites them."""
+    source = nbformat.read(path, as_version=4).cells[1].source
+    for name, value in form.items():
+        line = next(l for l in source.splitlines() if l.startswith(f"{name} = "))
+        source = source.replace(line, f"{name} = {value!r}  #@param {{type:\"string\"}}")
+    return source
+
+
+def _run_install_cell(source, monkeypatch):
+    """Runs the cell as if dinov2_jax were not installed: git runs for real, pip is recorded."""
+    import importlib.util
+    import subprocess
+    import sys
+    real_find_spec, real_run, pip_calls = importlib.util.find_spec, subprocess.run, []
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "dinov2_jax" else real_find_spec(name, *a))
+
+    def run(command, **kwargs):
+        if command[:3] == [sys.executable, "-m", "pip"]:
+            pip_calls.append(command)
+            return subprocess.CompletedProcess(command, 0)
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    namespace = {}
+    exec(compile(source, "install cell", "exec"), namespace)
+    return namespace, pip_calls, sys.path
+
+
+def test_install_cells_clone_a_url_or_use_a_checkout(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    cells = {_install_cell(path) for path in NOTEBOOKS}
+    assert len(cells) == 1, "the notebooks' install cells differ"
+    path = NOTEBOOKS[0]
+    with pytest.raises(SystemExit, match="Set REPOSITORY"):
+        _run_install_cell(_install_cell(path, CHECKOUT=str(tmp_path / "none")), monkeypatch)
+    # A git URL: a real clone (of a local repository, as file://) into CHECKOUT, then pip.
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    (origin / "setup.py").write_text("# stand-in\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(origin)]
+    for command in (["init", "-q"], ["add", "setup.py"], ["commit", "-qm", "stand-in"]):
+        subprocess.run(git + command, check=True)
+    checkout = tmp_path / "clone"
+    _, pip_calls, path_after = _run_install_cell(
+        _install_cell(path, REPOSITORY=f"file://{origin}", CHECKOUT=str(checkout)), monkeypatch)
+    assert (checkout / "setup.py").read_text() == "# stand-in\n"
+    assert pip_calls[0][:7] == [sys.executable, "-m", "pip", "install", "-q", "-e", str(checkout)]
+    assert path_after[0] == str(checkout)
+    # A checkout's path (Drive): installed where it is, nothing cloned.
+    _, pip_calls, _ = _run_install_cell(
+        _install_cell(path, REPOSITORY=str(origin), CHECKOUT=str(tmp_path / "unused")),
+        monkeypatch)
+    assert pip_calls[0][6] == str(origin) and not (tmp_path / "unused").exists()
 
 
 def test_pca_rgb_blacks_out_the_background():
