@@ -42,7 +42,9 @@ def default_config():
                    scaling_rule="sqrt_wrt_1024")
     c.crops = dict(global_crops_scale=(0.32, 1.0), local_crops_number=8,
                    local_crops_scale=(0.05, 0.32), global_crops_size=224, local_crops_size=96,
-                   paper_blur_probs=False)
+                   paper_blur_probs=False,
+                   color_jitter=(0.4, 0.4, 0.2, 0.1),  # brightness, contrast, saturation, hue
+                   grayscale_prob=0.2)
     c.evaluation = dict(knn_train="", knn_val="", every=12500, at_start=False, knn_resize=256,
                         batch_size=256)
     c.mesh = dict(data=-1, fsdp=1, rules=[(".*", "fsdp")], min_shard_size=2**14)
@@ -155,6 +157,12 @@ def validate(config, device_count, process_count=1):
     low, high = config.ibot.mask_ratio_min_max
     if not 0 <= low <= high <= 1:
         _fail("ibot.mask_ratio_min_max", f"({low}, {high}) is not an interval in [0, 1]")
+    jitter = tuple(crops.color_jitter)
+    if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+        _fail("crops.color_jitter", f"{jitter} is not (brightness, contrast, saturation, hue) "
+              "with all >= 0 and hue <= 0.5")
+    if not 0 <= crops.grayscale_prob <= 1:
+        _fail("crops.grayscale_prob", "must be a probability")
     if not 0 <= config.ibot.mask_sample_probability <= 1:
         _fail("ibot.mask_sample_probability", "must be a probability")
     mesh_sizes = [config.mesh.data, config.mesh.fsdp]

@@ -212,12 +212,16 @@ def assert_probability(observed: float, p: float, trials: int):
     assert abs(observed - p) <= tolerance, (observed, p, tolerance)
 
 
-@pytest.mark.parametrize("paper", [False, True])
-def test_per_op_probabilities(monkeypatch, paper):
+@pytest.mark.parametrize("paper,strengths", [
+    (False, {}), (True, {}),
+    (False, {"color_jitter": (0.1, 0.3, 0.9, 0.5), "grayscale_prob": 0.6})])
+def test_per_op_probabilities(monkeypatch, paper, strengths):
     n_local = 1
     counter = OpCounter(monkeypatch, n_local)
     spec = augment.MultiCropSpec(global_crops_size=6, local_crops_size=5,
-                                 local_crops_number=n_local, paper_blur_probs=paper)
+                                 local_crops_number=n_local, paper_blur_probs=paper, **strengths)
+    gray = strengths.get("grayscale_prob", 0.2)
+    b, c, s, h = strengths.get("color_jitter", (0.4, 0.4, 0.2, 0.1))
     rng = np.random.default_rng()
     image = natural_image(rng, 10, 12)
     for _ in range(N_DRAWS):
@@ -228,7 +232,7 @@ def test_per_op_probabilities(monkeypatch, paper):
         trials = N_DRAWS * (n_local if kind == "local" else 1)
         assert_probability(counter.share(kind, "hflip", n_local), 0.5, trials)
         assert_probability(counter.share(kind, "jitter", n_local), 0.8, trials)
-        assert_probability(counter.share(kind, "to_grayscale", n_local), 0.2, trials)
+        assert_probability(counter.share(kind, "to_grayscale", n_local), gray, trials)
         assert_probability(counter.share(kind, "blur", n_local), blur[kind], trials)
         assert_probability(counter.share(kind, "solarize", n_local),
                            0.2 if kind == "global2" else 0.0, trials)
@@ -236,7 +240,8 @@ def test_per_op_probabilities(monkeypatch, paper):
     for share in first:
         assert_probability(share, 0.25, len(counter.first_op))
     factors = np.array(counter.factors)
-    for column, (low, high) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]):
+    for column, (low, high) in enumerate([(1 - b, 1 + b), (1 - c, 1 + c), (1 - s, 1 + s),
+                                          (-h, h)]):
         assert low <= factors[:, column].min() and factors[:, column].max() <= high
         assert_probability((factors[:, column] < (low + high) / 2).mean(), 0.5, len(factors))
     sigmas = np.array(counter.sigmas)
@@ -258,8 +263,12 @@ def test_spec_from_config_reads_crops_keys():
     import ml_collections
     crops = ml_collections.ConfigDict({"global_crops_size": 56, "local_crops_size": 28,
                                        "local_crops_number": 4, "global_crops_scale": (0.4, 1.0),
-                                       "local_crops_scale": (0.1, 0.4), "paper_blur_probs": True})
+                                       "local_crops_scale": (0.1, 0.4), "paper_blur_probs": True,
+                                       "color_jitter": (0.3, 0.2, 0.5, 0.4),
+                                       "grayscale_prob": 0.5})
     spec = augment.MultiCropSpec.from_config(crops)
+    assert spec.color_jitter == (0.3, 0.2, 0.5, 0.4) and spec.grayscale_prob == 0.5
+    assert augment.MultiCropSpec.from_config({}).color_jitter == (0.4, 0.4, 0.2, 0.1)
     assert (spec.global_crops_size, spec.local_crops_size, spec.local_crops_number) == (56, 28, 4)
     assert spec.global_crops_scale == (0.4, 1.0) and spec.local_crops_scale == (0.1, 0.4)
     assert spec.blur_probs == augment.PAPER_BLUR_PROBS

@@ -167,6 +167,8 @@ def _tiny_config():
     ("mesh.fsdp", 3, "mesh: data=-1 x fsdp=3 does not fit 4 devices"),
     ("student.drop_path_rate", 1.5, "student.drop_path_rate: 1.5 is not in [0, 1)"),
     ("train.batch_size", 4, "train.batch_size: 4 images in 4 mask groups: KoLeo needs at least 2"),
+    ("crops.color_jitter", (0.4, 0.4, 0.2, 0.7), "crops.color_jitter: (0.4, 0.4, 0.2, 0.7) is not"),
+    ("crops.grayscale_prob", 1.2, "crops.grayscale_prob: must be a probability"),
 ])
 def test_bad_configs_name_the_key(key, value, message):
     config = _tiny_config()
@@ -208,3 +210,4 @@ def test_recipe_smoke_runs_on_cpu(tmp_path, recipe):
     assert len(losses) == 3 and all(np.isfinite(losses))
     saved = json.load(open(os.path.join(workdir, "config.json")))
     assert saved["train"]["centering"] == "sinkhorn_knopp" and saved["ibot"]["separate_head"]
+

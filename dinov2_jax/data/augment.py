@@ -7,6 +7,8 @@ images, which is what the reference applies:
   geometric  RandomResizedCrop(size, scale, ratio=(3/4, 4/3), bicubic) -> RandomHorizontalFlip(0.5)
   colour     RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8) -> RandomGrayscale(0.2);
              the four jitters run in a random order, hue is shifted in PIL's 8-bit HSV
+             (`color_jitter` and `grayscale_prob` change the strengths, e.g. for data whose
+             colours say nothing about content)
   blur       GaussianBlur(kernel 9, sigma ~ U(0.1, 2)) with probability 0.0 / 0.9 / 0.5 for
              global crop 1 / global crop 2 / local crops (the released models' quirk), or
              1.0 / 0.1 / 0.5 with `paper_blur_probs`
@@ -31,7 +33,7 @@ _MEAN_255 = np.asarray(IMAGENET_MEAN, np.float32) * 255
 _INV_STD_255 = 1 / (np.asarray(IMAGENET_STD, np.float32) * 255)
 _NORMALIZED_ZERO = -_MEAN_255 * _INV_STD_255
 CROP_RATIO = (3 / 4, 4 / 3)
-JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
+JITTER = (0.4, 0.4, 0.2, 0.1)  # Brightness, contrast, saturation, hue.
 JITTER_PROBABILITY = 0.8
 GRAYSCALE_PROBABILITY = 0.2
 SOLARIZE_PROBABILITY = 0.2
@@ -52,6 +54,8 @@ class MultiCropSpec:
     global_crops_scale: tuple[float, float] = (0.32, 1.0)
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
     paper_blur_probs: bool = False
+    color_jitter: tuple[float, float, float, float] = JITTER
+    grayscale_prob: float = GRAYSCALE_PROBABILITY
 
     @classmethod
     def from_config(cls, crops) -> "MultiCropSpec":
@@ -63,7 +67,9 @@ class MultiCropSpec:
             local_crops_number=int(crops.get("local_crops_number", defaults.local_crops_number)),
             global_crops_scale=tuple(crops.get("global_crops_scale", defaults.global_crops_scale)),
             local_crops_scale=tuple(crops.get("local_crops_scale", defaults.local_crops_scale)),
-            paper_blur_probs=bool(crops.get("paper_blur_probs", defaults.paper_blur_probs)))
+            paper_blur_probs=bool(crops.get("paper_blur_probs", defaults.paper_blur_probs)),
+            color_jitter=tuple(float(v) for v in crops.get("color_jitter", defaults.color_jitter)),
+            grayscale_prob=float(crops.get("grayscale_prob", defaults.grayscale_prob)))
 
     @property
     def blur_probs(self) -> tuple[float, float, float]:
@@ -97,10 +103,10 @@ def random_resized_crop_params(width: int, height: int, scale, rng: np.random.Ge
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def color_jitter_params(rng: np.random.Generator, brightness=JITTER["brightness"],
-                        contrast=JITTER["contrast"], saturation=JITTER["saturation"],
-                        hue=JITTER["hue"]):
-    """torchvision ColorJitter.get_params: op order (permutation of 0..3) and the four factors."""
+def color_jitter_params(rng: np.random.Generator, strengths=JITTER):
+    """torchvision ColorJitter(*strengths).get_params: op order (permutation of 0..3) and the
+    four factors (brightness, contrast, saturation, hue)."""
+    brightness, contrast, saturation, hue = strengths
     order = rng.permutation(4)
     factors = (rng.uniform(max(0.0, 1 - brightness), 1 + brightness),
                rng.uniform(max(0.0, 1 - contrast), 1 + contrast),
@@ -187,11 +193,11 @@ def _geometric(image: Image.Image, size: int, scale, rng: np.random.Generator) -
     return hflip(crop) if rng.random() < 0.5 else crop
 
 
-def _photometric(image: Image.Image, blur_prob: float, may_solarize: bool,
+def _photometric(image: Image.Image, spec: MultiCropSpec, blur_prob: float, may_solarize: bool,
                  rng: np.random.Generator) -> np.ndarray:
     if rng.random() < JITTER_PROBABILITY:
-        image = color_jitter(image, *color_jitter_params(rng))
-    if rng.random() < GRAYSCALE_PROBABILITY:
+        image = color_jitter(image, *color_jitter_params(rng, spec.color_jitter))
+    if rng.random() < spec.grayscale_prob:
         image = to_grayscale(image)
     array = np.asarray(image)
     if rng.random() < blur_prob:
@@ -212,12 +218,12 @@ def multi_crop(image, rng: np.random.Generator, spec: MultiCropSpec) -> dict[str
     blur_global1, blur_global2, blur_local = spec.blur_probs
     global_crops = np.empty((2, g, g, 3), np.uint8)
     local_crops = np.empty((spec.local_crops_number, l, l, 3), np.uint8)
-    global_crops[0] = _photometric(_geometric(image, g, spec.global_crops_scale, rng),
+    global_crops[0] = _photometric(_geometric(image, g, spec.global_crops_scale, rng), spec,
                                    blur_global1, False, rng)
-    global_crops[1] = _photometric(_geometric(image, g, spec.global_crops_scale, rng),
+    global_crops[1] = _photometric(_geometric(image, g, spec.global_crops_scale, rng), spec,
                                    blur_global2, True, rng)
     for i in range(spec.local_crops_number):
-        local_crops[i] = _photometric(_geometric(image, l, spec.local_crops_scale, rng),
+        local_crops[i] = _photometric(_geometric(image, l, spec.local_crops_scale, rng), spec,
                                       blur_local, False, rng)
     return {"global_crops": global_crops, "local_crops": local_crops}
 
