@@ -32,7 +32,6 @@ def main(argv):
     try:
         loop.train(FLAGS.config, FLAGS.workdir)
     except (ValueError, loop.DivergenceError) as error:
-        logging.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 
