@@ -20,8 +20,9 @@ from dinov2_jax import configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = ("img_per_sec", "mfu")
-# 24 steps, a checkpoint every 4 and a log line every 2.
-TINY = ["--config=configs/demo.py:tiny", "--config.optim.epochs=6",
+# 48 steps, a checkpoint every 4 and a log line every 2.
+TOTAL_STEPS = 48
+TINY = ["--config=configs/demo.py:tiny", "--config.optim.epochs=12",
         "--config.train.checkpoint_every=4", "--config.train.keep_checkpoints=10"]
 
 
@@ -55,7 +56,7 @@ def _wait_for_checkpoint(process, workdir, after, timeout=240):
             return
         if process.poll() is not None:
             raise AssertionError(f"run ended before a checkpoint: {process.stderr.read()}")
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError("no checkpoint appeared")
 
 
@@ -86,22 +87,29 @@ def uninterrupted(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
     result = _run(workdir)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert _committed_steps(workdir)[-1] == 24
+    assert _committed_steps(workdir)[-1] == TOTAL_STEPS
     return workdir
 
 
 def test_kill_9_then_rerun_is_bitwise_identical(uninterrupted, tmp_path):
     workdir = str(tmp_path / "killed")
-    process = _start(workdir)
-    _wait_for_checkpoint(process, workdir, after=random.choice([0, 4]))
-    time.sleep(random.uniform(0, 2))
-    process.kill()
-    process.wait()
-    assert _committed_steps(workdir)[-1] < 24
+    # A random step after the first checkpoint, at least 24 steps (~0.5 s here) before the end.
+    # On a fast or lightly loaded machine the run can still reach the end first; then the
+    # kill tested nothing, so try again in a fresh workdir (at most three times).
+    for _ in range(3):
+        shutil.rmtree(workdir, ignore_errors=True)
+        process = _start(workdir)
+        _wait_for_checkpoint(process, workdir, after=random.choice([0, 4, 8, 12, 16, 20]))
+        time.sleep(random.uniform(0, 0.2))
+        process.kill()
+        process.wait()
+        if _committed_steps(workdir)[-1] < TOTAL_STEPS:
+            break
+    assert _committed_steps(workdir)[-1] < TOTAL_STEPS, "the run always ended before the kill"
     result = _run(workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from step" in result.stdout
-    _assert_same_run(uninterrupted, workdir, 24)
+    _assert_same_run(uninterrupted, workdir, TOTAL_STEPS)
 
 
 def test_sigterm_saves_exits_0_and_resumes_identically(uninterrupted, tmp_path):
@@ -112,19 +120,19 @@ def test_sigterm_saves_exits_0_and_resumes_identically(uninterrupted, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
     saved = _committed_steps(workdir)[-1]
-    assert 4 <= saved < 24
+    assert 4 <= saved < TOTAL_STEPS
     result = _run(workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from step {saved}" in result.stdout
-    _assert_same_run(uninterrupted, workdir, 24)
+    _assert_same_run(uninterrupted, workdir, TOTAL_STEPS)
 
 
 def test_truncated_checkpoint_is_skipped_with_a_warning(uninterrupted, tmp_path):
     workdir = str(tmp_path / "truncated")
     shutil.copytree(uninterrupted, workdir)
-    shutil.rmtree(os.path.join(workdir, "checkpoints", "24"))
-    # Step 20 cut off mid-write: its array data is truncated.
-    state_dir = os.path.join(workdir, "checkpoints", "20", "state")
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(TOTAL_STEPS)))
+    # The step before cut off mid-write: its array data is truncated.
+    state_dir = os.path.join(workdir, "checkpoints", str(TOTAL_STEPS - 4), "state")
     for root, _, files in os.walk(state_dir):
         for name in files:
             path = os.path.join(root, name)
@@ -134,10 +142,10 @@ def test_truncated_checkpoint_is_skipped_with_a_warning(uninterrupted, tmp_path)
     os.remove(os.path.join(workdir, "metrics.jsonl"))
     result = _run(workdir)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "checkpoint at step 20 is unreadable" in result.stderr
-    assert "resumed from step 16" in result.stdout
+    assert f"checkpoint at step {TOTAL_STEPS - 4} is unreadable" in result.stderr
+    assert f"resumed from step {TOTAL_STEPS - 8}" in result.stdout
     assert os.listdir(os.path.join(workdir, "checkpoints_unreadable"))
-    _assert_same_run(uninterrupted, workdir, 24)
+    _assert_same_run(uninterrupted, workdir, TOTAL_STEPS)
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
