@@ -42,9 +42,9 @@ from dinov2_jax.data import pipeline, sources
 FEATURES = ("cls", "patch", "reg", "blocks_cls", "patch_mean")
 
 
-def default_resize_size(image_size):
+def default_resize_size(image_size, resize_at_224=256):
     """The reference's resize for a crop: 256 for 224, scaled alike for other sizes."""
-    return int(round(image_size * 256 / 224))
+    return int(round(image_size * resize_at_224 / 224))
 
 
 def backbone_features(model, params, images, *, features=("cls",), n_last_blocks=4):

@@ -102,12 +102,13 @@ def _memory_report(state, writer):
 
 
 def _knn(networks, config, teacher, writer, step):
-    from dinov2_jax.eval import knn
+    from dinov2_jax.eval import extract, knn
     evaluation = config.evaluation
     model = networks.backbone.clone(drop_path_rate=0.0)
     size = config.crops.global_crops_size
     results = knn.knn_eval(model, teacher["backbone"], evaluation.knn_train, evaluation.knn_val,
-                           image_size=size, resize_size=size * evaluation.knn_resize // 224,
+                           image_size=size,
+                           resize_size=extract.default_resize_size(size, evaluation.knn_resize),
                            batch_size=evaluation.batch_size)
     writer.write(step, results)
     writer.console(f"step {step} k-NN: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
