@@ -116,7 +116,11 @@ def test_probe_features_are_the_reference_inputs():
     np.testing.assert_allclose(ours["cls"], ours["blocks_cls"][:, -1], atol=1e-6)
     bf16 = extract.extract(model, params, extract.array_batches(images, 3), progress=False,
                            features=("blocks_cls",), dtype=jnp.bfloat16)
-    np.testing.assert_allclose(bf16["blocks_cls"], ours["blocks_cls"], atol=5e-2)
+    # bf16 (unit roundoff 2^-9 = 2e-3) through 4 blocks: relative L2 error median 0.008, max
+    # 0.0105 over 60 draws; single entries of magnitude ~3 stray by up to 0.05, so no atol.
+    error = np.linalg.norm(np.asarray(bf16["blocks_cls"], np.float32) - ours["blocks_cls"])
+    relative = error / np.linalg.norm(ours["blocks_cls"])
+    assert 1e-4 < relative < 2e-2, relative  # really computed in bf16, and close
 
 
 def test_linear_eval_and_cli(tmp_path):

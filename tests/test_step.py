@@ -361,11 +361,12 @@ def test_step_equals_the_reference_meta_arch(reference_arch, monkeypatch, center
     reference = ReferenceTrainer(reference_arch, config, networks, state["student"])
     train_step = jit_step(networks, config, optimizer, schedules)
 
-    errors = {}
+    errors, grad_norms = {}, []
     for iteration in range(2):  # step 1 uses the center of step 0 (the one-step lag)
         batch, collated = make_batches(config, np.random.randint(2**31))
         ref_losses = reference.step(collated, iteration, monkeypatch)
         state, metrics = train_step(state, batch)
+        grad_norms += [float(v) for k, v in metrics.items() if k.startswith("grad_norm/")]
         for key in LOSS_KEYS:
             np.testing.assert_allclose(metrics[key], ref_losses[key], rtol=TOL,
                                        err_msg=f"{key} at step {iteration}")
@@ -401,9 +402,10 @@ def test_step_equals_the_reference_meta_arch(reference_arch, monkeypatch, center
         assert np.abs(dino_center).max() > 0.01  # the centers really moved
     else:
         assert not np.any(state["centers"]["dino"]) and not np.any(state["centers"]["ibot"])
-    # Clipping was active (some module's gradient norm exceeds clip_grad 3), so the per-module
-    # clip is part of what was compared.
-    assert max(float(v) for k, v in metrics.items() if k.startswith("grad_norm/")) > 3.0
+    # Clipping was active in a compared step (some module's gradient norm exceeds clip_grad 3),
+    # so the per-module clip is part of what was compared. Measured over 12 draws each: the
+    # dino head's norm is 12-18 at step 0 in every parametrization, at step 1 it can be < 3.
+    assert max(grad_norms) > config.optim.clip_grad, grad_norms
     print(f"max |ours - reference| ({centering}, separate_head={separate_head}): {errors}")
 
 
