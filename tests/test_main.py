@@ -26,20 +26,26 @@ TINY = ["--config=configs/demo.py:tiny", "--config.optim.epochs=12",
         "--config.train.checkpoint_every=4", "--config.train.keep_checkpoints=10"]
 
 
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+def _python(*args, timeout=300):
+    """`python ARGS` in the project root, on CPU; the completed process."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
 def _command(workdir, *extra):
     return [sys.executable, "-m", "dinov2_jax.main", *TINY, f"--workdir={workdir}", *extra]
 
 
 def _run(workdir, *extra, timeout=300):
-    result = subprocess.run(_command(workdir, *extra), cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    return result
+    return _python(*_command(workdir, *extra)[1:], timeout=timeout)
 
 
 def _start(workdir, *extra):
     return subprocess.Popen(_command(workdir, *extra), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                            stderr=subprocess.PIPE, text=True, env=ENV)
 
 
 def _committed_steps(workdir):
@@ -193,8 +199,7 @@ def test_unknown_keys_are_rejected():
     config.train.learning_rate = 0.1
     with pytest.raises(ValueError, match="config error at train.learning_rate: unknown key"):
         configs.validate(config, device_count=1)
-    result = subprocess.run(_command("/tmp/unused", "--config.optim.lrr=1"), cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = _run("/tmp/unused", "--config.optim.lrr=1", timeout=120)
     assert result.returncode != 0 and "lrr" in result.stderr
 
 
@@ -208,11 +213,10 @@ def test_bad_config_fails_at_start_up_from_the_command_line(tmp_path):
 @pytest.mark.parametrize("recipe", ["vitg14", "vitl14"])
 def test_recipe_smoke_runs_on_cpu(tmp_path, recipe):
     workdir = str(tmp_path / recipe)
-    result = subprocess.run(
-        [sys.executable, "-m", "dinov2_jax.main", f"--config=configs/{recipe}.py:smoke",
-         f"--workdir={workdir}", "--config.optim.epochs=1", "--config.optim.warmup_epochs=0",
-         "--config.teacher.warmup_teacher_temp_epochs=0", "--config.optim.freeze_last_layer_epochs=0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = _python(
+        "-m", "dinov2_jax.main", f"--config=configs/{recipe}.py:smoke", f"--workdir={workdir}",
+        "--config.optim.epochs=1", "--config.optim.warmup_epochs=0",
+        "--config.teacher.warmup_teacher_temp_epochs=0", "--config.optim.freeze_last_layer_epochs=0")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     losses = [line["total_loss"] for line in lines if "total_loss" in line]
@@ -221,16 +225,15 @@ def test_recipe_smoke_runs_on_cpu(tmp_path, recipe):
     assert saved["train"]["centering"] == "sinkhorn_knopp" and saved["ibot"]["separate_head"]
 
 
-def _python(*args, timeout=1800):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+def _python_ok(*args):
+    result = _python(*args, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 def _linear_top1(weights, output):
-    _python("-m", "dinov2_jax.eval.linear", f"--weights={weights}", "--train=demo:train",
-            "--val=demo:val", "--size=40", f"--output={output}")
+    _python_ok("-m", "dinov2_jax.eval.linear", f"--weights={weights}", "--train=demo:train",
+               "--val=demo:val", "--size=40", f"--output={output}")
     return json.load(open(output))["results"]["linear/top1"]
 
 
@@ -241,7 +244,8 @@ def test_readme_demo_learns(tmp_path):
     linear probe CLI on its checkpoint gains at least 5 (measured: about +15)."""
     start = time.time()
     trained = tmp_path / "demo"
-    result = _python("-m", "dinov2_jax.main", "--config=configs/demo.py", f"--workdir={trained}")
+    result = _python_ok("-m", "dinov2_jax.main", "--config=configs/demo.py",
+                        f"--workdir={trained}")
     lines = [json.loads(line) for line in open(trained / "metrics.jsonl")]
     knn = {line["step"]: line["knn/top1"] for line in lines if "knn/top1" in line}
     total = configs.total_steps(configs.load(os.path.join(ROOT, "configs/demo.py")))
@@ -251,9 +255,9 @@ def test_readme_demo_learns(tmp_path):
     assert result.stdout.splitlines()[-1].startswith(f"finished step {total}/{total}")
     # Random init: the same config and seed stopped after one step, whose lr is 0 (warmup).
     init = tmp_path / "init"
-    _python("-m", "dinov2_jax.main", "--config=configs/demo.py", f"--workdir={init}",
-            "--config.train.total_steps=1", "--config.evaluation.knn_train=",
-            "--config.evaluation.knn_val=")
+    _python_ok("-m", "dinov2_jax.main", "--config=configs/demo.py", f"--workdir={init}",
+               "--config.train.total_steps=1", "--config.evaluation.knn_train=",
+               "--config.evaluation.knn_val=")
     linear = {"init": _linear_top1(init, tmp_path / "init.json"),
               "trained": _linear_top1(trained, tmp_path / "trained.json")}
     print(f"demo: linear top-1 {linear['init']:.1f} -> {linear['trained']:.1f}")
