@@ -15,6 +15,10 @@ import ml_collections
 ARCH_NAMES = ("vit_small", "vit_base", "vit_large", "vit_giant2")
 
 
+class ConfigError(ValueError):
+    """A setting, flag or input named by the user is wrong; CLIs print it as one line."""
+
+
 def default_config():
     """The reference defaults (ViT-L/16, 100 epochs, centering) and run settings."""
     c = ml_collections.ConfigDict()
@@ -102,7 +106,7 @@ def total_steps(config):
 
 
 def _fail(key, message):
-    raise ValueError(f"config error at {key}: {message}")
+    raise ConfigError(f"config error at {key}: {message}")
 
 
 def _flat_keys(config, prefix=""):
