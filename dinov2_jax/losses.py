@@ -154,3 +154,118 @@ def koleo_loss(x, eps=1e-8):
     neighbours = jnp.take_along_axis(x, nearest[..., None], axis=-2)
     distances = jnp.linalg.norm(x - neighbours + eps, axis=-1)
     return -jnp.mean(jnp.log(distances + eps), axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# DINOv3 objectives (`dinov3/loss/*.py`, `dinov3/train/ssl_meta_arch.py`).
+
+
+def dino_pairs_loss(student_logits, teacher_probs, ignore_diagonal=False,
+                    student_temp=STUDENT_TEMP):
+    """DINOv3's `DINOLoss.forward`: the mean cross-entropy over every (student, teacher) crop pair.
+
+    student_logits (S, B, K), teacher_probs (T, B, K), crop-major. Every image's S x T pairs
+    are scored, each a cross-entropy of softmax(s / temp) against t; the result is their mean
+    over pairs and images. `ignore_diagonal` leaves out the same-view pairs s == t (the DINO
+    global loss, `dino.global_ignore_diagonal`), dividing by B * (S * T - min(S, T)).
+    """
+    n_student, batch = student_logits.shape[:2]
+    n_teacher = teacher_probs.shape[0]
+    log_p = jax.nn.log_softmax(_f32(student_logits) / student_temp, axis=-1)
+    pair_sums = -jnp.einsum("sbk,tbk->st", log_p, _f32(teacher_probs),
+                            precision=jax.lax.Precision.HIGHEST)
+    n_pairs = n_student * n_teacher
+    if ignore_diagonal:
+        pair_sums = jnp.where(jnp.eye(n_student, n_teacher, dtype=bool), 0.0, pair_sums)
+        n_pairs -= min(n_student, n_teacher)
+    return jnp.sum(pair_sums) / (batch * n_pairs)
+
+
+def dino_loss_scales(n_global, n_local, ignore_diagonal=True):
+    """(global_scale, local_scale): DINOv3's split of the DINO weight by crop-pair counts.
+
+    Global terms n_global * (n_global - 1) (same-view pairs ignored) or n_global ** 2, local
+    terms n_global * n_local; each scale is its share of all terms (`compute_losses`).
+    """
+    global_terms = n_global * (n_global - 1) if ignore_diagonal else n_global ** 2
+    local_terms = n_global * n_local
+    total = global_terms + local_terms
+    return global_terms / total, local_terms / total
+
+
+def _l2_normalize(x, eps=1e-12):
+    """torch's F.normalize: x / max(||x||, eps)."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def gram_loss(student_patches, teacher_patches, *, img_level=True, groups=1, normalize=True,
+              remove_neg=False, remove_only_teacher_neg=False):
+    """DINOv3's Gram anchoring loss (`dinov3/loss/gram_loss.py`), in float32.
+
+    student_patches, teacher_patches (B, P, D): final normed patch tokens of the student's global
+    crops and of the Gram teacher (same grid). With `normalize` every patch vector is
+    L2-normalised. `img_level` builds one P x P similarity (Gram) matrix per image; otherwise the
+    B images are split into `groups` consecutive groups (the reference: one per device, its local
+    batch) and each group's B/groups*P patches make one matrix. The loss is the mean squared
+    difference of student and teacher matrices over all entries (torch's MSELoss).
+    `remove_neg` clamps negative similarities of both to 0; `remove_only_teacher_neg` clamps the
+    teacher's only: the reference also zeroes student entries where the teacher's is negative,
+    but tests that after clamping the teacher, so no student entry changes.
+    """
+    if remove_neg and remove_only_teacher_neg:
+        raise ValueError("gram_loss: set at most one of remove_neg and remove_only_teacher_neg")
+    student, teacher = _f32(student_patches), _f32(teacher_patches)
+    if student.shape != teacher.shape or student.ndim != 3:
+        raise ValueError(f"gram_loss: student {student.shape} and teacher {teacher.shape} patches "
+                         "must both be (B, P, D)")
+    if normalize:
+        student, teacher = _l2_normalize(student), _l2_normalize(teacher)
+    if not img_level:
+        batch, patches, dim = student.shape
+        if batch % groups:
+            raise ValueError(f"gram_loss: {batch} images do not split into {groups} groups")
+        student = student.reshape(groups, batch // groups * patches, dim)
+        teacher = teacher.reshape(groups, batch // groups * patches, dim)
+    gram = lambda x: jnp.einsum("gpd,gqd->gpq", x, x, precision=jax.lax.Precision.HIGHEST)
+    student_sim, teacher_sim = gram(student), gram(teacher)
+    if remove_neg or remove_only_teacher_neg:
+        teacher_sim = jnp.maximum(teacher_sim, 0.0)
+    if remove_neg:
+        student_sim = jnp.maximum(student_sim, 0.0)
+    return jnp.mean(jnp.square(student_sim - teacher_sim))
+
+
+def koleo_loss_distributed(x, *, axis_name=None, group_size=None, topk=1, eps=1e-8):
+    """DINOv3's `KoLeoLossDistributed`: KoLeo with nearest neighbours among a group of devices.
+
+    Call under `jax.shard_map` with x (local_B, D) this device's rows and `axis_name` the batch
+    axis: the rows of all devices are gathered (in device order) and cut into consecutive groups
+    of `group_size` rows (default: the whole global batch), each a multiple of local_B; a row's
+    `topk` neighbours are the other rows of its group of largest inner product (rows
+    L2-normalised, norm clamped at eps), d = ||x - x_nn + eps|| and the loss is
+    -mean log(d + eps) over the local rows and their k neighbours. The result is that mean
+    averaged over devices (the gradient the reference's data-parallel all-reduce sees). With
+    `axis_name=None`, x is the whole batch on one device.
+    """
+    x = _l2_normalize(_f32(x), eps)
+    local_batch = x.shape[0]
+    if axis_name is None:
+        all_x, rank, world = x, 0, 1
+    else:
+        all_x = jax.lax.all_gather(x, axis_name, tiled=True)
+        rank, world = jax.lax.axis_index(axis_name), jax.lax.axis_size(axis_name)
+    global_batch = all_x.shape[0]
+    group_size = global_batch if group_size is None else group_size
+    if group_size % local_batch or global_batch % group_size:
+        raise ValueError(f"koleo group size {group_size} must be a multiple of the local batch "
+                         f"{local_batch} and divide the global batch {global_batch}")
+    ranks_per_group = world // (global_batch // group_size)
+    group_rows = jax.lax.dynamic_slice_in_dim(all_x, (rank // ranks_per_group) * group_size,
+                                              group_size)
+    dots = jax.lax.stop_gradient(x @ group_rows.T)
+    own_columns = (rank % ranks_per_group) * local_batch + jnp.arange(local_batch)
+    dots = jnp.where(jnp.arange(group_size)[None] == own_columns[:, None], -1.0, dots)
+    _, nearest = jax.lax.top_k(dots, topk)
+    distances = jnp.linalg.norm(x[:, None] - group_rows[nearest] + eps, axis=-1)
+    loss = -jnp.mean(jnp.log(distances + eps))
+    return loss if axis_name is None else jax.lax.pmean(loss, axis_name)

@@ -74,3 +74,44 @@ def make_schedules(config):
                                      teacher_warmup_steps, teacher_warmup_steps,
                                      teacher.warmup_teacher_temp),
     )
+
+
+def warmup_cosine_constant(start, peak, end, warmup_steps, total_steps, cosine_steps=None):
+    """DINOv3's `linear_warmup_cosine_decay` ("schedules v2") as an optax schedule.
+
+    Steps [0, warmup): linspace(start, peak, warmup) without the endpoint; then `cosine_steps`
+    (default: all the rest) values end + (peak - end) * (1 + cos(pi * j / (cosine_steps - 1))) / 2,
+    j = 0 .. cosine_steps - 1, which reach `end` on the last; then `end`, the constant tail, up
+    to total_steps and past it. start == peak == end is a constant schedule.
+    """
+    if cosine_steps is None:
+        cosine_steps = total_steps - warmup_steps
+    if min(warmup_steps, cosine_steps) < 0 or warmup_steps + cosine_steps > total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} + cosine_steps={cosine_steps} must be "
+                         f"non-negative and at most total_steps={total_steps}")
+    pieces, boundaries = [], []
+    if warmup_steps > 0:
+        pieces.append(optax.linear_schedule(start, peak, warmup_steps))
+        boundaries.append(warmup_steps)
+    if cosine_steps > 1:
+        half_cosine = optax.cosine_decay_schedule(1.0, cosine_steps - 1)
+        pieces.append(lambda i: end + (peak - end) * half_cosine(i))
+        boundaries.append(warmup_steps + cosine_steps)
+    elif cosine_steps == 1:  # linspace(0, pi, 1) == [0]: one step at the peak
+        pieces.append(optax.constant_schedule(peak))
+        boundaries.append(warmup_steps + 1)
+    pieces.append(optax.constant_schedule(end))
+    return optax.join_schedules(pieces, boundaries)
+
+
+def weight_schedule(spec, epoch_length, total_steps):
+    """A DINOv3 schedule block {start, peak, end, warmup_epochs[, cosine_epochs]} in epochs.
+
+    The form of `dino.local_loss_weight_schedule` and `gram.loss_weight_schedule`; a missing or
+    negative `cosine_epochs` means the cosine runs to `total_steps`.
+    """
+    cosine_epochs = spec.get("cosine_epochs", -1)
+    return warmup_cosine_constant(
+        spec["start"], spec["peak"], spec["end"], spec["warmup_epochs"] * epoch_length,
+        total_steps, None if cosine_epochs is None or cosine_epochs < 0
+        else cosine_epochs * epoch_length)
