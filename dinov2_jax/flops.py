@@ -1,14 +1,14 @@
 """Model FLOPs of a DINOv2 train step and the peak FLOP/s of accelerators, for MFU.
 
-Counted as DESIGN.md defines them: matmuls and attention (2 FLOPs per multiply-add) of the
-teacher forward on the 2 global crops and its heads, plus the student forward and backward
-(3x forward) on all crops and heads. Drop path's batch-subset trick really skips compute, so
-the student's block FLOPs count only the kept samples. Norms, softmax and elementwise work
-are not counted.
+Counted as docs/reference.md, Train step defines them: matmuls and attention (2 FLOPs per
+multiply-add) of the teacher forward on the 2 global crops and its heads, plus the student
+forward and backward (3x forward) on all crops and heads. Drop path's batch-subset trick really
+skips compute, so the student's block FLOPs count only the kept samples
+(`packing.drop_path_keep_count`). Norms, softmax and elementwise work are not counted.
 """
 import jax
 
-from dinov2_jax.models import vit
+from dinov2_jax.models import packing, vit
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets). GPUs: the first name contained in
 # jax's device_kind wins (e.g. "NVIDIA H100 80GB HBM3" is an SXM H100, "NVIDIA H100 PCIe" not).
@@ -47,8 +47,7 @@ def backbone_flops(model, image_size, keep_fraction=1.0):
     """Forward FLOPs of the backbone on one square image; blocks scaled by `keep_fraction`."""
     patches = (image_size // model.patch_size) ** 2
     tokens = 1 + model.num_register_tokens + patches
-    hidden = (vit.swiglu_hidden_dim(model.embed_dim, model.mlp_ratio)
-              if model.ffn_layer == "swiglu" else int(model.embed_dim * model.mlp_ratio))
+    hidden = vit.ffn_hidden_dim(model.embed_dim, model.mlp_ratio, model.ffn_layer)
     embed = 2 * patches * 3 * model.patch_size ** 2 * model.embed_dim
     attention, ffn = block_flops(tokens, model.embed_dim, hidden, model.ffn_layer)
     return embed + model.depth * (attention + ffn) * keep_fraction
@@ -61,10 +60,6 @@ def head_flops(head, in_dim):
     return mlp + 2 * head.bottleneck_dim * head.out_dim
 
 
-def _kept(batch, rate):
-    return max(int(batch * (1 - rate)), 1) / batch if rate > 0 else 1.0
-
-
 def train_step_flops(networks, config, batch_size, masked_rows):
     """Model FLOPs of one train step on `batch_size` images with `masked_rows` buffer rows."""
     backbone, crops = networks.backbone, config.crops
@@ -75,7 +70,8 @@ def train_step_flops(networks, config, batch_size, masked_rows):
     patch_head = head_flops(networks.patch_head(), dim)
     teacher = n_global * (backbone_flops(backbone, crops.global_crops_size) + cls_head)
     teacher += masked_rows * patch_head
-    student = (n_global * backbone_flops(backbone, crops.global_crops_size, _kept(n_global, rate))
-               + n_local * backbone_flops(backbone, crops.local_crops_size, _kept(n_local, rate))
+    kept = lambda rows: packing.drop_path_keep_count(rows, rate) / rows
+    student = (n_global * backbone_flops(backbone, crops.global_crops_size, kept(n_global))
+               + n_local * backbone_flops(backbone, crops.local_crops_size, kept(n_local))
                + (n_global + n_local) * cls_head + masked_rows * patch_head)
     return teacher + 3 * student

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dinov2_jax.models import attention, vit
+from dinov2_jax.models import attention, packing, vit
 
 
 def _tiny(**kwargs):
@@ -31,7 +31,7 @@ def _labelled_groups(rows, lengths, channels=0):
 def test_student_layout_packs_crops_of_one_image():
     # vitl14 per device, B = 32: 2 global crops of 257 tokens, 8 local crops of 50, image-major.
     rows, lengths = (64, 256), (257, 50)
-    layout = vit.plan_packing(rows, lengths)
+    layout = packing.plan_packing(rows, lengths)
     assert (layout.sequences, layout.slots, layout.padding_tokens) == (64, (1, 4), 0)
     assert layout.segment_lengths == (257, 50, 50, 50, 50)
     packed = np.asarray(layout.pack(_labelled_groups(rows, lengths)))[..., 0]
@@ -42,13 +42,13 @@ def test_student_layout_packs_crops_of_one_image():
 
 def test_drop_path_layout_is_short_with_little_padding():
     # The kept rows of vitl14 (B = 32, rate 0.4): 38 global, 153 local; gcd 1.
-    full = vit.plan_packing((64, 256), (257, 50))
-    kept = vit.plan_packing((38, 153), (257, 50), full.sequence_length)
+    full = packing.plan_packing((64, 256), (257, 50))
+    kept = packing.plan_packing((38, 153), (257, 50), full.sequence_length)
     tokens = 38 * 257 + 153 * 50
     assert kept.sequence_length <= full.sequence_length
     assert kept.padding_tokens < 0.03 * tokens
     # A bound is needed: without one the only padding-free layout is one 17,416-token sequence.
-    assert vit.plan_packing((38, 153), (257, 50)).sequence_length == tokens
+    assert packing.plan_packing((38, 153), (257, 50)).sequence_length == tokens
 
 
 def test_pack_unpack_round_trip_and_segments():
@@ -57,7 +57,7 @@ def test_pack_unpack_round_trip_and_segments():
         num_groups = int(rng.integers(1, 4))
         rows = tuple(int(n) for n in rng.integers(1, 12, num_groups))
         lengths = tuple(int(n) for n in rng.integers(1, 9, num_groups))
-        layout = vit.PackLayout(rows, lengths, int(rng.integers(1, max(rows) + 2)))
+        layout = packing.PackLayout(rows, lengths, int(rng.integers(1, max(rows) + 2)))
         groups = _labelled_groups(rows, lengths, channels=2)
         packed = layout.pack(groups)
         assert packed.shape == (layout.sequences, layout.sequence_length, 3)
@@ -81,7 +81,7 @@ def test_packed_drop_path_keeps_a_subset_per_group_in_one_call():
         return jnp.ones_like(packed)
 
     keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 2)
-    out = vit._packed_drop_path_add(groups, branch, rate, keys, max_length=12)
+    out = packing.packed_drop_path_add(groups, branch, rate, keys, max_length=12)
     keep = [max(int(n * (1 - rate)), 1) for n in rows]
     assert len(calls) == 1 and sum(calls[0]) <= 12
     for x, y, n, s in zip(groups, out, rows, keep):

@@ -12,8 +12,9 @@ attends only to tokens of its own segment (packed crops). Backends:
   'pallas'  the project's own flash-attention kernel (dinov2_jax.kernels.flash_attention),
             GPU Triton lowering, skips blocks from the segment ids.
   'auto'    per platform: cpu -> xla; gpu -> cudnn for bfloat16/float16 (measured 3.8x faster
-            than XLA at ViT-g shapes on an H100, jax-stack.md §3.1), xla for float32; tpu ->
-            splash. The own kernel is not chosen on GPU until it is measured faster than cuDNN.
+            than XLA at ViT-g shapes on an H100; `benchmarks/attention.py` times the backends),
+            xla for float32; tpu -> splash. The own kernel is not chosen on GPU until it is
+            measured faster than cuDNN.
 
 Segments: `segment_ids` (int, (batch, tokens), traced) and/or `segment_lengths` (a static
 tuple of ints summing to tokens, one layout for the whole batch). Every backend takes either.

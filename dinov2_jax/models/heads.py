@@ -1,4 +1,7 @@
-"""The DINO/iBOT projection head (spec §2): MLP -> L2 norm -> weight-normalised prototypes."""
+"""The DINO/iBOT projection head (`dinov2/layers/dino_head.py`).
+
+MLP -> L2 norm -> weight-normalised prototypes; see docs/reference.md, Heads.
+"""
 from typing import Any
 
 import flax.linen as nn

@@ -1,14 +1,15 @@
-"""The DINOv2 Vision Transformer (spec §1) in Flax Linen.
+"""The DINOv2 Vision Transformer in Flax Linen (`dinov2/models/vision_transformer.py`).
 
 Patch embedding, cls/register/mask tokens, position-embedding interpolation exactly as the
-reference, pre-norm blocks (attention, Mlp or SwiGLU, LayerScale) scanned with `nn.scan` and
-rematerialised with `nn.remat`, drop path with the batch-subset trick at static shapes, and
-outputs as a dict of named intermediates. A list of image batches (the student's global and
-local crops) runs as token groups through the same scanned blocks: one group after another, or,
-with `pack_crops`, packed into equal sequences of block-diagonal attention (`PackLayout`), so that
-every block runs one attention call and one set of matmuls over the tokens of all groups.
+reference (`pos_embed`), pre-norm blocks (attention, Mlp or SwiGLU, LayerScale;
+`dinov2/layers/block.py`) scanned with `nn.scan` and rematerialised with `nn.remat`, drop path
+with the batch-subset trick at static shapes (`packing`), and outputs as a dict of named
+intermediates. A list of image batches (the student's global and local crops) runs as token
+groups through the same scanned blocks: one group after another, or, with `pack_crops`, packed
+into equal sequences of block-diagonal attention (`packing.PackLayout`), so that every block
+runs one attention call and one set of matmuls over the tokens of all groups. The formulas and
+quirks are in docs/reference.md, Model.
 """
-import dataclasses
 import math
 from typing import Any
 
@@ -17,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dinov2_jax.models import attention
+from dinov2_jax.models import attention, packing, pos_embed
 
-# Sizes of the reference constructors (spec §1.1).
+# Sizes of the reference constructors (`vit_small`... in dinov2/models/vision_transformer.py).
 ARCHS = {
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
@@ -27,8 +28,9 @@ ARCHS = {
     "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24),
 }
 
-# The eight torch.hub backbones (spec §1.8): construction size 518, LayerScale 1.0.
-_HUB_BASE = {"vits14": "vit_small", "vitb14": "vit_base", "vitl14": "vit_large", "vitg14": "vit_giant2"}
+# The eight torch.hub backbones (dinov2/hub/backbones.py): construction size 518, LayerScale 1.0.
+_HUB_BASE = {"vits14": "vit_small", "vitb14": "vit_base", "vitl14": "vit_large",
+             "vitg14": "vit_giant2"}
 HUB_MODELS = {}
 for _name, _arch in _HUB_BASE.items():
     _common = dict(arch=_arch, patch_size=14, img_size=518, layerscale=1.0,
@@ -38,6 +40,9 @@ for _name, _arch in _HUB_BASE.items():
     HUB_MODELS[_name + "_reg"] = dict(_common, num_register_tokens=4, interpolate_offset=0.0,
                                       interpolate_antialias=True)
 
+FFN_LAYERS = ("mlp", "swiglu")
+DTYPES = ("float32", "bfloat16")  # compute dtypes by name (`jnp.dtype(name)`)
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -45,7 +50,8 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-# Initialisers of the reference (spec §1.5). torch's trunc_normal_ cuts at +-2 absolute,
+# Initialisers of the reference (`init_weights_vit_timm`, `DinoVisionTransformer.init_weights`;
+# docs/reference.md, Model). torch's trunc_normal_ cuts at +-2 absolute,
 # i.e. +-100 sigma for std 0.02, so a plain normal has the same distribution.
 dense_init = nn.initializers.normal(0.02)
 
@@ -66,189 +72,13 @@ def swiglu_hidden_dim(embed_dim, mlp_ratio):
     return ((int(hidden * 2 / 3) + 7) // 8) * 8
 
 
-# --------------------------------------------------------------------------------------------
-# Position-embedding interpolation (spec §1.3).
-
-
-def _keys_cubic_matrix(out_size, in_size, inv_scale, a=-0.75):
-    """(out, in) weights of torch's bicubic (align_corners=False, no antialias).
-
-    Keys cubic with A=-0.75, taps floor(src)-1..floor(src)+2 clamped to the edges, and source
-    coordinate src = (dst + 0.5) * inv_scale - 0.5.
-    """
-    matrix = np.zeros((out_size, in_size), np.float64)
-    for dst in range(out_size):
-        src = (dst + 0.5) * inv_scale - 0.5
-        floor = math.floor(src)
-        t = src - floor
-        weights = (
-            ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
-            ((a + 2) * t - (a + 3)) * t * t + 1,
-            ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
-            ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
-        )
-        for tap, weight in zip(range(floor - 1, floor + 3), weights):
-            matrix[dst, min(max(tap, 0), in_size - 1)] += weight
-    return matrix
-
-
-def _keys_kernel(x, a):
-    x = abs(x)
-    if x < 1:
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-    if x < 2:
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    return 0.0
-
-
-def _antialias_cubic_matrix(out_size, in_size, inv_scale, a=-0.5):
-    """(out, in) weights of torch's bicubic with antialias=True (a PIL-style filter).
-
-    Keys a=-0.5 stretched by max(inv_scale, 1), support 2*max(inv_scale, 1), normalised.
-    """
-    stretch = max(inv_scale, 1.0)
-    support = 2.0 * stretch
-    matrix = np.zeros((out_size, in_size), np.float64)
-    for dst in range(out_size):
-        center = inv_scale * (dst + 0.5)
-        first = max(int(center - support + 0.5), 0)
-        last = min(int(center + support + 0.5), in_size)
-        taps = [_keys_kernel((j - center + 0.5) / stretch, a) for j in range(first, last)]
-        matrix[dst, first:last] = np.asarray(taps) / np.sum(taps)
-    return matrix
-
-
-def interpolate_pos_embed(pos_embed, grid_h, grid_w, *, offset, antialias, square_input=True):
-    """Resamples a (1, 1+M*M, D) table to a (grid_h, grid_w) patch grid like the reference.
-
-    The table is returned unchanged when the grid is the table's own and the input is square.
-    `offset` != 0 samples with scale (grid + offset) / M (the reference's scale_factor path);
-    `antialias` is the PIL-style filter of the register models. Computed in float32.
-    """
-    num_table = pos_embed.shape[1] - 1
-    side = int(math.sqrt(num_table))
-    if side * side != num_table:
-        raise ValueError(f"pos_embed has {num_table} patch positions, not a square grid")
-    if grid_h * grid_w == num_table and square_input:
-        return pos_embed
-    cls_pos = pos_embed[:, :1]
-    table = pos_embed[0, 1:].astype(jnp.float32).reshape(side, side, -1)
-    scale_h = (grid_h + offset) / side if offset else grid_h / side
-    scale_w = (grid_w + offset) / side if offset else grid_w / side
-    weights = _antialias_cubic_matrix if antialias else _keys_cubic_matrix
-    rows = jnp.asarray(weights(grid_h, side, 1 / scale_h), jnp.float32)
-    cols = jnp.asarray(weights(grid_w, side, 1 / scale_w), jnp.float32)
-    table = jnp.einsum("ym,xn,mnd->yxd", rows, cols, table, precision=jax.lax.Precision.HIGHEST)
-    table = table.reshape(1, grid_h * grid_w, -1).astype(pos_embed.dtype)
-    return jnp.concatenate([cls_pos, table], axis=1)
-
-
-# --------------------------------------------------------------------------------------------
-# Drop path.
-
-
-def _keep_count(batch, rate):
-    """The reference's drop-path subset size S = max(int(b * (1 - rate)), 1)."""
-    return max(int(batch * (1 - rate)), 1)
-
-
-def _drop_path_add(x, branch, rate, rng):
-    """x + branch(x) with the reference's batch-subset stochastic depth.
-
-    Keeps a random subset of S = max(int(b * (1 - rate)), 1) samples, computes the branch on
-    them only, and adds it back scaled by b / S. S is static, so shapes are too.
-    """
-    if rng is None or rate <= 0:
-        return x + branch(x)
-    batch = x.shape[0]
-    keep = _keep_count(batch, rate)
-    kept = jax.random.permutation(rng, batch)[:keep]
-    residual = branch(x[kept]) * jnp.asarray(batch / keep, x.dtype)
-    return x.at[kept].add(residual)
-
-
-# --------------------------------------------------------------------------------------------
-# Sequence packing.
-
-
-@dataclasses.dataclass(frozen=True)
-class PackLayout:
-    """A static plan that packs the rows (crops) of token groups into equal sequences.
-
-    Group g has `rows[g]` rows of `lengths[g]` tokens. Sequence s holds its consecutive rows
-    s*k .. s*k + k - 1, k = `slots[g]` = ceil(rows[g] / sequences), the groups one after
-    another, so all sequences share one segment layout (`segment_lengths`, one segment per
-    row). Packing is a reshape and a concatenation along the tokens, so rows sharded over d
-    devices stay on their device when d divides `sequences`. Slots past a group's last row are
-    padding rows of zeros, segments of their own whose outputs are dropped. For image-major
-    groups (row = image * crops + crop) a sequence holds crops of one image.
-    """
-    rows: tuple[int, ...]
-    lengths: tuple[int, ...]
-    sequences: int
-
-    @property
-    def slots(self):
-        return tuple(-(-n // self.sequences) for n in self.rows)
-
-    @property
-    def sequence_length(self):
-        return sum(k * t for k, t in zip(self.slots, self.lengths))
-
-    @property
-    def padding_tokens(self):
-        return sum((k * self.sequences - n) * t
-                   for n, k, t in zip(self.rows, self.slots, self.lengths))
-
-    @property
-    def segment_lengths(self):
-        return sum(((t,) * k for k, t in zip(self.slots, self.lengths)), ())
-
-    def pack(self, groups):
-        """Groups of (rows[g], lengths[g], C) -> (sequences, sequence_length, C)."""
-        packed = []
-        for x, k, t in zip(groups, self.slots, self.lengths):
-            x = jnp.pad(x, ((0, k * self.sequences - x.shape[0]), (0, 0), (0, 0)))
-            packed.append(x.reshape(self.sequences, k * t, x.shape[-1]))
-        return jnp.concatenate(packed, axis=1)
-
-    def unpack(self, packed):
-        """The inverse of `pack`: the groups, without the padding rows."""
-        splits = np.cumsum([k * t for k, t in zip(self.slots, self.lengths)])[:-1]
-        return [x.reshape(k * self.sequences, t, x.shape[-1])[:n]
-                for x, n, k, t in zip(jnp.split(packed, splits, axis=1), self.rows, self.slots,
-                                      self.lengths)]
-
-
-def plan_packing(rows, lengths, max_length=None):
-    """The PackLayout with the fewest padding tokens, sequences no longer than `max_length`.
-
-    Ties go to shorter sequences. `max_length` defaults to the length of the layout with
-    gcd(rows) sequences, the shortest one without padding rows (which is then the plan).
-    """
-    rows, lengths = tuple(rows), tuple(lengths)
-    if max_length is None:
-        max_length = PackLayout(rows, lengths, math.gcd(*rows)).sequence_length
-    layouts = (PackLayout(rows, lengths, p) for p in range(1, max(rows) + 1))
-    return min((layout for layout in layouts if layout.sequence_length <= max_length),
-               key=lambda layout: (layout.padding_tokens, layout.sequence_length))
-
-
-def _packed_drop_path_add(groups, branch, rate, rngs, max_length):
-    """Each group plus `branch(packed, segment_lengths)` run once on the kept rows of all groups.
-
-    Batch-subset drop path per group: a random subset of S = max(int(b * (1 - rate)), 1) rows,
-    drawn with the group's key in `rngs` as `_drop_path_add` draws it, is packed with the other
-    groups' kept rows into sequences no longer than `max_length`; the branch output is added
-    back to those rows scaled by b / S.
-    """
-    kept = [jax.random.permutation(rng, x.shape[0])[:_keep_count(x.shape[0], rate)]
-            for x, rng in zip(groups, rngs)]
-    layout = plan_packing([k.shape[0] for k in kept], [x.shape[1] for x in groups], max_length)
-    residuals = layout.unpack(branch(layout.pack([x[k] for x, k in zip(groups, kept)]),
-                                     layout.segment_lengths))
-    return [x.at[k].add(y * jnp.asarray(x.shape[0] / k.shape[0], x.dtype))
-            for x, k, y in zip(groups, kept, residuals)]
+def ffn_hidden_dim(embed_dim, mlp_ratio, ffn_layer):
+    """Hidden width of a block's FFN: int(D * mlp_ratio) for mlp, `swiglu_hidden_dim` for swiglu."""
+    if ffn_layer not in FFN_LAYERS:
+        raise ValueError(f"ffn_layer must be one of {FFN_LAYERS}, got {ffn_layer!r}")
+    if ffn_layer == "swiglu":
+        return swiglu_hidden_dim(embed_dim, mlp_ratio)
+    return int(embed_dim * mlp_ratio)
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,8 +148,8 @@ class Block(nn.Module):
     Each group (e.g. global and local crops) has its own batch and length; they share the
     weights, and drop path draws an independent subset per group and per branch. Unpacked, the
     groups run one after another; with `pack_crops`, each branch runs once on the (kept) rows of
-    all groups packed by `plan_packing` (with drop path: sequences no longer than those of the
-    full groups). Both consume the dropout rng alike, so they give equal results. Returns the
+    all groups packed by `packing.plan_packing` (with drop path: sequences no longer than those
+    of the full groups). Both consume the dropout rng alike, so they give equal results. Returns the
     new groups as the scan carry and, when `collect`, also as the scan output.
     """
     num_heads: int
@@ -356,23 +186,25 @@ class Block(nn.Module):
         else:
             outputs = []
             for x, (attn_rng, ffn_rng) in zip(groups, rngs):
-                x = _drop_path_add(x, lambda y: ls1(attn(norm1(y))), self.drop_path_rate, attn_rng)
-                x = _drop_path_add(x, lambda y: ls2(ffn(norm2(y))), self.drop_path_rate, ffn_rng)
+                x = packing.drop_path_add(x, lambda y: ls1(attn(norm1(y))), self.drop_path_rate,
+                                          attn_rng)
+                x = packing.drop_path_add(x, lambda y: ls2(ffn(norm2(y))), self.drop_path_rate,
+                                          ffn_rng)
                 outputs.append(x)
         outputs = tuple(outputs)
         return outputs, (outputs if self.collect else None)
 
     def _packed(self, groups, rngs, attn_branch, ffn_branch):
         """Both residual branches, each one call over the packed (kept) rows of all groups."""
-        layout = plan_packing([x.shape[0] for x in groups], [x.shape[1] for x in groups])
+        layout = packing.plan_packing([x.shape[0] for x in groups], [x.shape[1] for x in groups])
         if rngs is None:
             x = layout.pack(groups)
             x = x + attn_branch(x, layout.segment_lengths)
             return layout.unpack(x + ffn_branch(x, layout.segment_lengths))
-        groups = _packed_drop_path_add(groups, attn_branch, self.drop_path_rate,
-                                       [r[0] for r in rngs], layout.sequence_length)
-        return _packed_drop_path_add(groups, ffn_branch, self.drop_path_rate,
-                                     [r[1] for r in rngs], layout.sequence_length)
+        groups = packing.packed_drop_path_add(groups, attn_branch, self.drop_path_rate,
+                                              [r[0] for r in rngs], layout.sequence_length)
+        return packing.packed_drop_path_add(groups, ffn_branch, self.drop_path_rate,
+                                            [r[1] for r in rngs], layout.sequence_length)
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,10 +220,10 @@ class DinoVisionTransformer(nn.Module):
 
     `pack_crops`: in every block the rows of all groups are packed into equal sequences with a
     static block-diagonal layout, and the block runs one attention call and one set of matmuls
-    on them (see `PackLayout`, `plan_packing`). Without drop path there are gcd(group batches)
-    sequences of consecutive rows: for the student's [2B global, n_local*B local] crops, one
-    global and n_local/2 local crops each (of one image if the rows are image-major); with drop
-    path the kept rows of the groups are packed. Same outputs as unpacked; which is faster
+    on them (see `packing.PackLayout`, `packing.plan_packing`). Without drop path there are
+    gcd(group batches) sequences of consecutive rows: for the student's [2B global, n_local*B
+    local] crops, one global and n_local/2 local crops each (of one image if the rows are
+    image-major); with drop path the kept rows of the groups are packed. Same outputs as unpacked; which is faster
     depends on the attention backend and the platform.
     """
     embed_dim: int = 384
@@ -412,15 +244,14 @@ class DinoVisionTransformer(nn.Module):
     dtype: Any = jnp.float32
 
     def _validate(self):
-        if self.ffn_layer not in ("mlp", "swiglu"):
-            raise ValueError(f"ffn_layer must be 'mlp' or 'swiglu', got {self.ffn_layer!r}")
+        if self.ffn_layer not in FFN_LAYERS:
+            raise ValueError(f"ffn_layer must be one of {FFN_LAYERS}, got {self.ffn_layer!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, "
                              f"got {self.remat_policy!r}")
 
     def _block_kwargs(self):
-        hidden = (swiglu_hidden_dim(self.embed_dim, self.mlp_ratio) if self.ffn_layer == "swiglu"
-                  else int(self.embed_dim * self.mlp_ratio))
+        hidden = ffn_hidden_dim(self.embed_dim, self.mlp_ratio, self.ffn_layer)
         return dict(num_heads=self.num_heads, ffn_layer=self.ffn_layer, ffn_hidden_dim=hidden,
                     layerscale=self.layerscale, drop_path_rate=self.drop_path_rate,
                     attention_backend=self.attention_backend, pack_crops=self.pack_crops,
@@ -454,10 +285,10 @@ class DinoVisionTransformer(nn.Module):
             x = jnp.where(masks[..., None], tokens["mask"].astype(x.dtype)[None], x)
         cls = jnp.broadcast_to(tokens["cls"].astype(x.dtype), (batch, 1, self.embed_dim))
         x = jnp.concatenate([cls, x], axis=1)
-        pos = interpolate_pos_embed(tokens["pos"], height // patch, width // patch,
-                                    offset=self.interpolate_offset,
-                                    antialias=self.interpolate_antialias,
-                                    square_input=height == width)
+        pos = pos_embed.interpolate_pos_embed(tokens["pos"], height // patch, width // patch,
+                                              offset=self.interpolate_offset,
+                                              antialias=self.interpolate_antialias,
+                                              square_input=height == width)
         x = x + pos.astype(x.dtype)
         if tokens["registers"] is not None:
             registers = jnp.broadcast_to(tokens["registers"].astype(x.dtype),
@@ -520,14 +351,30 @@ def build_backbone(arch, **overrides):
     return DinoVisionTransformer(**{**ARCHS[arch], **kwargs, **overrides})
 
 
-def get_intermediate_layers(model, params, images, n=1, *, reshape=False,
-                            return_class_token=False, norm=True):
-    """The reference's `get_intermediate_layers`: outputs of the last `n` (or listed) blocks.
+def backbone_from_config(config):
+    """The student backbone of a run config: `config.student` at `crops.global_crops_size`.
 
-    Registers are dropped; patches optionally reshaped to (B, H/p, W/p, D) (channels last).
+    student.embed_dim / depth / num_heads, when non-zero, override the arch's sizes; the
+    teacher is the same module (its drop path is off outside training).
     """
-    out = model.apply({"params": params}, images, collect_layers=True)
-    layers = out["layers"]
+    student = config.student
+    sizes = {k: student[k] for k in ("embed_dim", "depth", "num_heads") if student[k]}
+    return build_backbone(
+        student.arch, **sizes, patch_size=student.patch_size,
+        img_size=config.crops.global_crops_size, ffn_layer=student.ffn_layer,
+        layerscale=student.layerscale, num_register_tokens=student.num_register_tokens,
+        interpolate_offset=student.interpolate_offset,
+        interpolate_antialias=student.interpolate_antialias,
+        drop_path_rate=student.drop_path_rate, remat_policy=student.remat_policy,
+        attention_backend=student.attention, pack_crops=student.pack_crops,
+        dtype=jnp.dtype(student.dtype))
+
+
+def intermediate_layers(model, params, layers, n=1, *, image_shape=None, reshape=False,
+                        return_class_token=False, norm=True):
+    """`get_intermediate_layers` from the `layers` output (depth, B, T, D) of a forward pass
+    with `collect_layers=True`, so that callers that also need the final outputs run the
+    backbone once. `image_shape` (H, W) is needed for `reshape`."""
     indices = range(model.depth - n, model.depth) if isinstance(n, int) else n
     results = []
     for index in indices:
@@ -536,11 +383,22 @@ def get_intermediate_layers(model, params, images, n=1, *, reshape=False,
             x = nn.LayerNorm(epsilon=1e-6, dtype=model.dtype).apply({"params": params["norm"]}, x)
         cls, patches = x[:, 0], x[:, 1 + model.num_register_tokens:]
         if reshape:
-            batch, height, width, _ = images.shape
-            patches = patches.reshape(batch, height // model.patch_size,
+            height, width = image_shape
+            patches = patches.reshape(x.shape[0], height // model.patch_size,
                                       width // model.patch_size, -1)
         results.append((patches, cls) if return_class_token else patches)
     return tuple(results)
+
+
+def get_intermediate_layers(model, params, images, n=1, *, reshape=False,
+                            return_class_token=False, norm=True):
+    """The reference's `get_intermediate_layers`: outputs of the last `n` (or listed) blocks.
+
+    Registers are dropped; patches optionally reshaped to (B, H/p, W/p, D) (channels last).
+    """
+    out = model.apply({"params": params}, images, collect_layers=True)
+    return intermediate_layers(model, params, out["layers"], n, image_shape=images.shape[1:3],
+                               reshape=reshape, return_class_token=return_class_token, norm=norm)
 
 
 def count_params(params):
