@@ -1,386 +1,55 @@
-"""PyTorch <-> JAX weights for the DINOv2 backbone: official hub, timm and Hugging Face layouts.
+"""Command line: PyTorch <-> JAX weights of the DINOv2 backbone (hub, timm, HF layouts).
 
     python -m dinov2_jax.convert --input X.pth --arch vitl14 --output DIR      # torch -> jax
     python -m dinov2_jax.convert --input DIR --output Y.pth --format hub|timm|hf  # jax -> torch
 
-Every direction goes through the official hub key layout (`spec/export-targets.md`), checked
+--input is a torch file (.pth/.safetensors: official hub, timm, Hugging Face or training
+checkpoint layout; --arch names its size), a dinov2_jax weights dir, or a training workdir or
+one of its checkpoints (--params teacher|student picks the network, default teacher). A torch
+input is written as a weights dir; anything else needs --format. Every layout is checked
 strictly against the architecture: a missing, unexpected or mis-shaped key is an error that
-names it. A dinov2_jax weights directory holds `model.json` (the backbone's constructor
-arguments) and `params/` (an orbax checkpoint). `--input` also accepts a training workdir or
-one of its checkpoints; `--params teacher|student` picks the network (default teacher).
+names it. The files are `dinov2_jax.weights`, the key layouts `dinov2_jax.models.torch_layouts`.
 """
-import json
-import os
-import re
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags, logging
+from absl import flags
+from etils import epath
 
+from dinov2_jax import cli, weights
+from dinov2_jax.configs import ConfigError
 from dinov2_jax.models import vit
 
-# --------------------------------------------------------------------------------------------
-# The official hub layout <-> the Flax param tree.
 
-# (Flax path under `blocks`, hub suffix under `blocks.{i}.`, transform kind)
-_BLOCK_KEYS = [
-    ("norm1/scale", "norm1.weight", "copy"), ("norm1/bias", "norm1.bias", "copy"),
-    ("attn/qkv/kernel", "attn.qkv.weight", "dense"), ("attn/qkv/bias", "attn.qkv.bias", "copy"),
-    ("attn/proj/kernel", "attn.proj.weight", "dense"),
-    ("attn/proj/bias", "attn.proj.bias", "copy"),
-    ("ls1/gamma", "ls1.gamma", "copy"),
-    ("norm2/scale", "norm2.weight", "copy"), ("norm2/bias", "norm2.bias", "copy"),
-    ("ls2/gamma", "ls2.gamma", "copy"),
-]
-_FFN_KEYS = {
-    "mlp": [("mlp/fc1/kernel", "mlp.fc1.weight", "dense"), ("mlp/fc1/bias", "mlp.fc1.bias", "copy"),
-            ("mlp/fc2/kernel", "mlp.fc2.weight", "dense"), ("mlp/fc2/bias", "mlp.fc2.bias", "copy")],
-    "swiglu": [("mlp/w12/kernel", "mlp.w12.weight", "dense"),
-               ("mlp/w12/bias", "mlp.w12.bias", "copy"),
-               ("mlp/w3/kernel", "mlp.w3.weight", "dense"), ("mlp/w3/bias", "mlp.w3.bias", "copy")],
-}
-_TOP_KEYS = [
-    ("cls_token", "cls_token", "copy"), ("pos_embed", "pos_embed", "copy"),
-    ("mask_token", "mask_token", "copy"), ("register_tokens", "register_tokens", "copy"),
-    ("patch_embed/kernel", "patch_embed.proj.weight", "conv"),
-    ("patch_embed/bias", "patch_embed.proj.bias", "copy"),
-    ("norm/scale", "norm.weight", "copy"), ("norm/bias", "norm.bias", "copy"),
-]
-_TO_TORCH = {"copy": lambda x: x, "dense": lambda x: x.T, "conv": lambda x: x.transpose(3, 2, 0, 1)}
-_FROM_TORCH = {"copy": lambda x: x, "dense": lambda x: x.T, "conv": lambda x: x.transpose(2, 3, 1, 0)}
+def _define(flag_values):
+    flags.DEFINE_string("input", None, "torch file (.pth/.safetensors), weights dir or workdir",
+                        flag_values=flag_values)
+    flags.DEFINE_string("output", None, "weights dir (torch -> jax) or torch file / HF dir",
+                        flag_values=flag_values)
+    flags.DEFINE_string("arch", None, f"one of {sorted(vit.HUB_MODELS)} (torch input only)",
+                        flag_values=flag_values)
+    flags.DEFINE_enum("format", None, weights.EXPORT_FORMATS, "export layout (jax -> torch)",
+                      flag_values=flag_values)
+    flags.DEFINE_enum("params", "teacher", weights.NETWORKS, "network of a training checkpoint",
+                      flag_values=flag_values)
 
 
-def _get(tree, path):
-    for part in path.split("/"):
-        tree = tree[part]
-    return tree
-
-
-def _set(tree, path, value):
-    *parents, leaf = path.split("/")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[leaf] = value
-
-
-def _layer_keys(model):
-    block_keys = [k for k in _BLOCK_KEYS if model.layerscale or not k[0].startswith("ls")]
-    return block_keys + _FFN_KEYS[model.ffn_layer]
-
-
-def params_to_hub(model, params):
-    """Flax backbone params -> official hub state dict (numpy, fp32, flat `blocks.{i}`)."""
-    out = {}
-    for path, key, kind in _TOP_KEYS:
-        if path == "register_tokens" and not model.num_register_tokens:
-            continue
-        out[key] = _TO_TORCH[kind](np.asarray(_get(params, path), np.float32))
-    for path, suffix, kind in _layer_keys(model):
-        stacked = np.asarray(_get(params["blocks"], path), np.float32)
-        for i in range(model.depth):
-            out[f"blocks.{i}.{suffix}"] = np.ascontiguousarray(_TO_TORCH[kind](stacked[i]))
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
-
-
-def hub_to_params(model, state_dict):
-    """Official hub state dict -> Flax params, after a strict key and shape check."""
-    expected = expected_hub_shapes(model)
-    check_state_dict(state_dict, expected)
-    params = {}
-    for path, key, kind in _TOP_KEYS:
-        if key in expected:
-            _set(params, path, _FROM_TORCH[kind](np.asarray(state_dict[key], np.float32)))
-    blocks = {}
-    for path, suffix, kind in _layer_keys(model):
-        _set(blocks, path, np.stack([
-            _FROM_TORCH[kind](np.asarray(state_dict[f"blocks.{i}.{suffix}"], np.float32))
-            for i in range(model.depth)]))
-    params["blocks"] = blocks
-    return params
-
-
-def expected_hub_shapes(model):
-    """Key -> shape of the official state dict of `model` (from eval_shape, no allocation)."""
-    size = model.img_size
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-    fake = jax.tree.map(lambda s: np.broadcast_to(np.float32(0), s.shape), shapes["params"])
-    return {k: v.shape for k, v in params_to_hub(model, fake).items()}
-
-
-def check_state_dict(state_dict, expected):
-    """Raises ValueError naming the first missing, unexpected or mis-shaped key."""
-    for key, shape in expected.items():
-        if key not in state_dict:
-            raise ValueError(f"missing key {key!r} (expected shape {tuple(shape)}); the "
-                             f"checkpoint does not match the architecture")
-        got = tuple(np.shape(state_dict[key]))
-        if got != tuple(shape):
-            raise ValueError(f"shape mismatch at {key!r}: checkpoint {got}, architecture "
-                             f"{tuple(shape)}; wrong --arch?")
-    for key in state_dict:
-        if key not in expected:
-            raise ValueError(f"unexpected key {key!r} with shape {tuple(np.shape(state_dict[key]))}"
-                             f"; the checkpoint does not match the architecture")
-
-
-# --------------------------------------------------------------------------------------------
-# Other layouts -> hub, and hub -> other layouts.
-
-
-def canonicalize(state_dict, model):
-    """Any supported torch layout -> the official hub layout (numpy arrays).
-
-    Unwraps `teacher`/`student`/`model` training checkpoints (backbone only), strips `module.`
-    and `backbone.` prefixes, flattens `blocks.{chunk}.{i}` and recognises timm and Hugging
-    Face keys.
-    """
-    for wrapper in ("teacher", "student", "model"):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-            break
-    state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
-    if any(k.startswith("embeddings.") for k in state_dict):
-        return _hf_to_hub(state_dict, model)
-    out = {}
-    for key, value in state_dict.items():
-        key = re.sub(r"^(module\.)?(backbone\.)?", "", key)
-        if key.startswith(("dino_head.", "ibot_head.")):
-            continue
-        out[re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)] = value
-    if "mask_token" not in out and "norm.weight" in out:
-        return _timm_to_hub(out, model)
-    return out
-
-
-def hub_to_timm(state_dict, model):
-    """Hub -> timm's native layout (what `_convert_dinov2` produces)."""
-    out = {}
-    for key, value in state_dict.items():
-        if key == "mask_token":
-            continue
-        out[key.replace("mlp.w12.", "mlp.fc1.").replace("mlp.w3.", "mlp.fc2.")] = value
-    if model.num_register_tokens:
-        out["cls_token"] = state_dict["cls_token"] + state_dict["pos_embed"][:, :1]
-        out["pos_embed"] = np.ascontiguousarray(state_dict["pos_embed"][:, 1:])
-        out["reg_token"] = out.pop("register_tokens")
-    return out
-
-
-def _timm_to_hub(state_dict, model):
-    """timm -> hub. timm has no mask token (zeros here); reg4 models keep the folded cls."""
-    out = {}
-    for key, value in state_dict.items():
-        if model.ffn_layer == "swiglu":
-            key = key.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3.")
-        out["register_tokens" if key == "reg_token" else key] = value
-    dim = out["cls_token"].shape[-1]
-    out["mask_token"] = np.zeros((1, dim), np.float32)
-    if "reg_token" in state_dict:
-        zero_cls_pos = np.zeros((1, 1, dim), out["pos_embed"].dtype)
-        out["pos_embed"] = np.concatenate([zero_cls_pos, out["pos_embed"]], axis=1)
-    return out
-
-
-_HF_BLOCK = [
-    ("norm1", "norm1"), ("attn.proj", "attention.output.dense"), ("ls1.gamma", "layer_scale1.lambda1"),
-    ("norm2", "norm2"), ("ls2.gamma", "layer_scale2.lambda1"), ("mlp.fc1", "mlp.fc1"),
-    ("mlp.fc2", "mlp.fc2"), ("mlp.w12", "mlp.weights_in"), ("mlp.w3", "mlp.weights_out"),
-]
-_HF_TOP = [
-    ("cls_token", "embeddings.cls_token"), ("mask_token", "embeddings.mask_token"),
-    ("pos_embed", "embeddings.position_embeddings"),
-    ("register_tokens", "embeddings.register_tokens"),
-    ("patch_embed.proj", "embeddings.patch_embeddings.projection"), ("norm", "layernorm"),
-]
-
-
-def _rename(key, pairs, reverse=False):
-    for hub, hf in pairs:
-        src, dst = (hf, hub) if reverse else (hub, hf)
-        if key == src or key.startswith(src + "."):
-            return dst + key[len(src):]
-    return None
-
-
-def hub_to_hf(state_dict, model):
-    """Hub -> Hugging Face on-disk names (split query/key/value)."""
-    out = {}
-    for key, value in state_dict.items():
-        match = re.match(r"blocks\.(\d+)\.(.*)", key)
-        if not match:
-            out[_rename(key, _HF_TOP)] = value
-            continue
-        prefix, rest = f"encoder.layer.{match[1]}.", match[2]
-        if rest.startswith("attn.qkv."):
-            for name, part in zip(("query", "key", "value"), np.split(value, 3, axis=0)):
-                out[prefix + f"attention.attention.{name}.{rest.split('.')[-1]}"] = part
-        else:
-            out[prefix + _rename(rest, _HF_BLOCK)] = value
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
-
-
-def _hf_to_hub(state_dict, model):
-    out, qkv = {}, {}
-    for key, value in state_dict.items():
-        match = re.match(r"encoder\.layer\.(\d+)\.(.*)", key)
-        if not match:
-            hub_key = _rename(key, _HF_TOP, reverse=True)
-            if hub_key is None:
-                raise ValueError(f"unexpected Hugging Face key {key!r}")
-            out[hub_key] = value
-            continue
-        layer, rest = match[1], match[2]
-        attention = re.match(r"attention\.attention\.(query|key|value)\.(weight|bias)", rest)
-        if attention:
-            qkv.setdefault((layer, attention[2]), {})[attention[1]] = value
-            continue
-        hub_rest = _rename(rest, _HF_BLOCK, reverse=True)
-        if hub_rest is None:
-            raise ValueError(f"unexpected Hugging Face key {key!r}")
-        out[f"blocks.{layer}.{hub_rest}"] = value
-    for (layer, kind), parts in qkv.items():
-        out[f"blocks.{layer}.attn.qkv.{kind}"] = np.concatenate(
-            [parts["query"], parts["key"], parts["value"]], axis=0)
-    return out
-
-
-def hf_config(model):
-    """config.json for `Dinov2Model` / `Dinov2WithRegistersModel.from_pretrained`."""
-    registers = model.num_register_tokens
-    config = {
-        "architectures": ["Dinov2WithRegistersModel" if registers else "Dinov2Model"],
-        "model_type": "dinov2_with_registers" if registers else "dinov2",
-        "hidden_size": model.embed_dim, "num_hidden_layers": model.depth,
-        "num_attention_heads": model.num_heads, "mlp_ratio": int(model.mlp_ratio),
-        "hidden_act": "gelu", "layer_norm_eps": 1e-6, "image_size": model.img_size,
-        "patch_size": model.patch_size, "num_channels": 3, "qkv_bias": True,
-        "layerscale_value": 1.0, "drop_path_rate": 0.0,
-        "use_swiglu_ffn": model.ffn_layer == "swiglu", "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
-    }
-    if registers:
-        config["num_register_tokens"] = registers
-    return config
-
-
-# --------------------------------------------------------------------------------------------
-# Files.
-
-MODEL_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "mlp_ratio",
-                "ffn_layer", "layerscale", "num_register_tokens", "interpolate_offset",
-                "interpolate_antialias")
-
-
-def model_kwargs(model):
-    return {name: getattr(model, name) for name in MODEL_FIELDS}
-
-
-def read_torch_file(path):
-    """A state dict from `.pth` (needs torch) or `.safetensors` (numpy only), as numpy."""
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        return load_file(path)
-    import torch
-    state = torch.load(path, map_location="cpu", weights_only=True)
-
-    def to_numpy(value):
-        if isinstance(value, dict):
-            return {k: to_numpy(v) for k, v in value.items()}
-        return value.float().numpy() if hasattr(value, "numpy") else value
-
-    return to_numpy(state)
-
-
-def write_torch_file(state_dict, path):
-    """Writes `.safetensors` with numpy, anything else with torch.save (fp32)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
-        save_file(state_dict, path)
-        return
-    import torch
-    torch.save({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict.items()}, path)
-
-
-def save_weights(directory, model, params):
-    """Writes a dinov2_jax weights directory: model.json + params/ (orbax, atomic)."""
-    import orbax.checkpoint as ocp
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, "params"), params, force=True)
-    checkpointer.wait_until_finished()
-    with open(os.path.join(directory, "model.json"), "w") as f:
-        json.dump(model_kwargs(model), f, indent=1)
-
-
-def load_weights(path, arch=None, network="teacher"):
-    """(model, params) from a weights dir, a training workdir/checkpoint, or a torch file.
-
-    `arch` (a hub name like `vitl14` or a size like `vit_large`) is needed for torch files.
-    """
-    import orbax.checkpoint as ocp
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "model.json")):
-        with open(os.path.join(path, "model.json")) as f:
-            model = vit.DinoVisionTransformer(**json.load(f))
-        params_dir = os.path.join(os.path.abspath(path), "params")
-        checkpointer = ocp.StandardCheckpointer()
-        # A host-numpy target: restoring onto the saved sharding breaks on other topologies.
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
-                              checkpointer.metadata(params_dir).item_metadata.tree)
-        return model, checkpointer.restore(params_dir, target)
-    if os.path.isdir(path):
-        from dinov2_jax.train import checkpoint
-        return checkpoint.load_backbone(path, network)
-    if arch is None:
-        raise ValueError(f"--arch is required to read the torch checkpoint {path}")
-    model = vit.build_backbone(arch)
-    return model, hub_to_params(model, canonicalize(read_torch_file(path), model))
-
-
-def export(model, params, output, fmt):
-    """Writes `params` as `fmt` ('hub', 'timm' or 'hf') to `output`."""
-    state = params_to_hub(model, params)
-    if fmt == "hub":
-        write_torch_file(state, output)
-    elif fmt == "timm":
-        write_torch_file(hub_to_timm(state, model), output)
-    elif fmt == "hf":
-        from safetensors.numpy import save_file
-        os.makedirs(output, exist_ok=True)
-        save_file(hub_to_hf(state, model), os.path.join(output, "model.safetensors"),
-                  metadata={"format": "pt"})
-        with open(os.path.join(output, "config.json"), "w") as f:
-            json.dump(hf_config(model), f, indent=1)
+def main(argv=None):
+    args = cli.parse(argv, _define, __doc__.splitlines()[0])
+    if not args.input or not args.output:
+        raise ConfigError("--input and --output are required (see --help)")
+    if not epath.Path(args.input).exists():
+        raise ConfigError(f"--input {args.input} does not exist")
+    torch_input = epath.Path(args.input).is_file()
+    if not torch_input and not args.format:
+        raise ConfigError("--format is required to export to PyTorch")
+    model, params = weights.load(args.input, args.arch, args.params)
+    print(f"loaded {args.input}: {vit.count_params(params):,} parameters", file=sys.stderr)
+    if args.format:
+        weights.export(model, params, args.output, args.format)
     else:
-        raise ValueError(f"--format must be hub, timm or hf, got {fmt!r}")
-
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("input", None, "torch file (.pth/.safetensors), weights dir or workdir")
-flags.DEFINE_string("output", None, "weights dir (torch -> jax) or torch file / HF dir")
-flags.DEFINE_string("arch", None, f"one of {sorted(vit.HUB_MODELS)} (torch input only)")
-flags.DEFINE_enum("format", None, ["hub", "timm", "hf"], "export layout (jax -> torch)")
-flags.DEFINE_enum("params", "teacher", ["teacher", "student"], "network of a training checkpoint")
-
-
-def main(argv):
-    del argv
-    if not FLAGS.input or not FLAGS.output:
-        raise app.UsageError("--input and --output are required")
-    torch_input = os.path.isfile(FLAGS.input)
-    model, params = load_weights(FLAGS.input, FLAGS.arch, FLAGS.params)
-    logging.info("loaded %s: %s parameters", FLAGS.input, f"{vit.count_params(params):,}")
-    if FLAGS.format:
-        export(model, params, FLAGS.output, FLAGS.format)
-    elif torch_input:
-        save_weights(FLAGS.output, model, params)
-    else:
-        raise app.UsageError("--format is required to export to PyTorch")
-    print(f"wrote {FLAGS.output}", file=sys.stderr)
+        weights.save(args.output, model, params)
+    print(f"wrote {args.output}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

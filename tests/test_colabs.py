@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from dinov2_jax import convert
+from dinov2_jax import weights
 from dinov2_jax.models import vit
 from tiny_params import random_params
 
@@ -31,7 +31,7 @@ def tiny_weights(tmp_path_factory):
                                       img_size=56, layerscale=1.0)
     params = random_params(model)
     directory = tmp_path_factory.mktemp("colab") / "weights"
-    convert.save_weights(str(directory), model, params)
+    weights.save(str(directory), model, params)
     return str(directory)
 
 

@@ -1,6 +1,7 @@
 """Weight interop with Hugging Face transformers and timm, both directions, and the CLI.
 
-Each library's own interpolation is mirrored by the backbone's flags (spec export-targets §5):
+Each library's own interpolation is mirrored by the backbone's flags (docs/reference.md,
+Export layouts):
 HF resizes by size (offset 0) without antialias for Dinov2Model and with antialias for
 registers; timm resizes by size with antialias. Tolerance 1e-4 max abs (fp32, summation order).
 """
@@ -9,12 +10,16 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dinov2_jax import convert
-from dinov2_jax.models import vit
+from dinov2_jax import configs, weights
+from dinov2_jax.configs import ConfigError
+from dinov2_jax.models import torch_layouts, vit
+from dinov2_jax.train import checkpoint
+from tiny_params import random_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -69,7 +74,7 @@ def test_huggingface_import_and_export(tmp_path, registers, swiglu):
     hf.save_pretrained(tmp_path / "theirs")
     from safetensors.numpy import load_file
     on_disk = load_file(str(tmp_path / "theirs" / "model.safetensors"))
-    params = convert.hub_to_params(model, convert.canonicalize(on_disk, model))
+    params = torch_layouts.hub_to_params(model, torch_layouts.canonicalize(on_disk, model))
     reg = 4 if registers else 0
     for height, width, masked in [(224, 224, False), (224, 224, True), (182, 266, False)]:
         images = np.random.randn(2, height, width, 3).astype(np.float32)
@@ -78,7 +83,7 @@ def test_huggingface_import_and_export(tmp_path, registers, swiglu):
                           None if masks is None else jnp.asarray(masks))
         _compare(out, _hf_forward(hf, images, masks), reg)
     # Export ours and load with from_pretrained: nothing missing, nothing unexpected.
-    convert.export(model, params, str(tmp_path / "ours"), "hf")
+    weights.export(model, params, str(tmp_path / "ours"), "hf")
     cls = transformers.Dinov2WithRegistersModel if registers else transformers.Dinov2Model
     loaded, info = cls.from_pretrained(str(tmp_path / "ours"), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -101,14 +106,14 @@ def test_timm_import_and_export(tmp_path, name, embed_dim):
         ffn_layer="swiglu" if "giant" in name else "mlp", num_register_tokens=registers,
         interpolate_offset=0.0, interpolate_antialias=True)
     state = {k: v.numpy() for k, v in tm.state_dict().items()}
-    params = convert.hub_to_params(model, convert.canonicalize(state, model))
+    params = torch_layouts.hub_to_params(model, torch_layouts.canonicalize(state, model))
     for height, width in [(224, 224), (182, 266), (518, 518)]:
         images = np.random.randn(2, height, width, 3).astype(np.float32)
         with torch.no_grad():
             tokens = tm.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
         _compare(model.apply({"params": params}, jnp.asarray(images)), tokens, registers)
     # Export and strict-load into a fresh timm model.
-    convert.export(model, params, str(tmp_path / "ours.safetensors"), "timm")
+    weights.export(model, params, str(tmp_path / "ours.safetensors"), "timm")
     from safetensors.torch import load_file
     fresh = timm.create_model(name, pretrained=False, depth=2, embed_dim=embed_dim, num_heads=4,
                               dynamic_img_size=True)
@@ -121,7 +126,7 @@ def test_chunked_training_checkpoint_and_wrappers_import():
     model = vit.build_backbone("vit_small", embed_dim=32, depth=4, num_heads=2, img_size=56,
                                patch_size=14)
     hub = {k: np.random.randn(*s).astype(np.float32)
-           for k, s in convert.expected_hub_shapes(model).items()}
+           for k, s in torch_layouts.expected_hub_shapes(model).items()}
     chunked = {}
     for key, value in hub.items():
         if key.startswith("blocks."):
@@ -129,28 +134,56 @@ def test_chunked_training_checkpoint_and_wrappers_import():
             key = key.replace(f"blocks.{index}.", f"blocks.{index // 2}.{index}.", 1)
         chunked["module.backbone." + key] = value
     chunked["module.dino_head.mlp.0.weight"] = np.zeros((3, 32), np.float32)
-    params = convert.hub_to_params(model, convert.canonicalize({"teacher": chunked}, model))
-    back = convert.params_to_hub(model, params)
+    params = torch_layouts.hub_to_params(
+        model, torch_layouts.canonicalize({"teacher": chunked}, model))
+    back = torch_layouts.params_to_hub(model, params)
     for key in hub:
         np.testing.assert_array_equal(back[key], hub[key])
 
 
 def test_mismatched_checkpoint_names_the_first_bad_key():
     small = vit.build_backbone("vits14", depth=2)
-    hub = {k: np.zeros(s, np.float32) for k, s in convert.expected_hub_shapes(small).items()}
+    hub = {k: np.zeros(s, np.float32) for k, s in torch_layouts.expected_hub_shapes(small).items()}
     with pytest.raises(ValueError, match=r"shape mismatch at 'cls_token'.*\(1, 1, 384\).*"
                                          r"\(1, 1, 768\)"):
-        convert.hub_to_params(vit.build_backbone("vitb14", depth=2), hub)
+        torch_layouts.hub_to_params(vit.build_backbone("vitb14", depth=2), hub)
     with pytest.raises(ValueError, match=r"missing key 'blocks.2.norm1.weight'"):
-        convert.hub_to_params(vit.build_backbone("vits14", depth=3), hub)
+        torch_layouts.hub_to_params(vit.build_backbone("vits14", depth=3), hub)
     with pytest.raises(ValueError, match=r"unexpected key 'register_tokens'"):
-        convert.hub_to_params(small, {**hub, "register_tokens": np.zeros((1, 4, 384))})
+        torch_layouts.hub_to_params(small, {**hub, "register_tokens": np.zeros((1, 4, 384))})
+
+
+def test_training_workdir_loads_either_network(tmp_path):
+    """A workdir as the trainer writes it (state + meta with the run's config): the workdir, its
+    checkpoints dir and a step dir give the config's backbone and the saved teacher or student
+    params, bit for bit; a bad path or network is a ConfigError naming it."""
+    config = configs.smoke(configs.default_config())
+    model = vit.backbone_from_config(config).clone(dtype=np.float32, drop_path_rate=0.0)
+    saved = {network: {"backbone": random_params(model)} for network in weights.NETWORKS}
+    run = tmp_path / "run"
+    checkpointer = checkpoint.Checkpointer(str(run))
+    checkpointer.save(6, {**saved, "step": np.int32(6)}, None,
+                      {"config": config.to_json(), "step": 6})
+    checkpointer.close()
+    for path in (run, run / "checkpoints", run / "checkpoints" / "6"):
+        for network in weights.NETWORKS:
+            loaded_model, params = weights.load(str(path), network=network)
+            assert weights.model_kwargs(loaded_model) == weights.model_kwargs(model)
+            assert loaded_model.dtype == np.float32 and loaded_model.drop_path_rate == 0.0
+            jax.tree.map(np.testing.assert_array_equal, params, saved[network]["backbone"])
+    with pytest.raises(ConfigError, match="network must be one of"):
+        weights.load(str(run), network="ema")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no dinov2_jax weights or checkpoint"):
+        weights.load(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="do not exist"):
+        weights.load(str(tmp_path / "missing"))
 
 
 def _cli(*args):
-    result = subprocess.run([sys.executable, "-m", "dinov2_jax.convert", *args],
-                            capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    return result
+    return subprocess.run([sys.executable, "-m", "dinov2_jax.convert", *args],
+                          capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 def test_cli_round_trip_is_bit_identical(tmp_path):
@@ -171,5 +204,6 @@ def test_cli_round_trip_is_bit_identical(tmp_path):
         assert torch.equal(exported[key], value), key
     bad = _cli("--input", str(tmp_path / "in.pth"), "--arch", "vitb14",
                "--output", str(tmp_path / "bad"))
-    assert bad.returncode != 0 and "shape mismatch at 'cls_token'" in bad.stderr
+    assert bad.returncode == 1 and "error: shape mismatch at 'cls_token'" in bad.stderr
+    assert "Traceback" not in bad.stderr  # a user error is one line
     assert not (tmp_path / "bad").exists()

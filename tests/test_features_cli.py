@@ -1,5 +1,5 @@
-"""`python -m dinov2_jax.features` end to end: an image folder through the eval transform and
-a .npy array as is, from dinov2_jax weights and from an official-layout .safetensors; the
+"""`python -m dinov2_jax.eval.features` end to end: an image folder through the eval transform
+and a .npy array as is, from dinov2_jax weights and from an official-layout .safetensors; the
 written features equal the backbone's outputs (fp32, batched vs unbatched: 1e-5)."""
 import os
 import subprocess
@@ -9,14 +9,14 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dinov2_jax import convert
+from dinov2_jax import weights
 from dinov2_jax.data import augment
-from dinov2_jax.models import vit
+from dinov2_jax.models import torch_layouts, vit
 from tiny_params import random_params
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "dinov2_jax.features", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "dinov2_jax.eval.features", *map(str, args)],
                           capture_output=True, text=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
@@ -26,7 +26,7 @@ def test_image_folder_with_registers(tmp_path):
                                       img_size=28, layerscale=1.0, num_register_tokens=3,
                                       interpolate_offset=0.0, interpolate_antialias=True)
     params = random_params(model)
-    convert.save_weights(str(tmp_path / "weights"), model, params)
+    weights.save(str(tmp_path / "weights"), model, params)
     folder = tmp_path / "images"
     files = ["cats/a.png", "cats/b.jpg", "dogs/c.png", "d.png", "dogs/e.png"]
     sizes = [(50, 40), (33, 61), (28, 28), (90, 45), (31, 30)]
@@ -37,7 +37,7 @@ def test_image_folder_with_registers(tmp_path):
     (folder / "dogs" / "broken.png").write_bytes(b"not an image")
     output = tmp_path / "feats.npz"
     result = _cli("--weights", tmp_path / "weights", "--input", folder, "--output", output,
-                  "--size", 42, "--batch-size", 2)
+                  "--size", 42, "--batch_size", 2)
     assert result.returncode == 0, result.stderr
     assert "skipped 1 unreadable images" in result.stderr and "images" in result.stderr
     feats = np.load(output)
@@ -56,13 +56,13 @@ def test_image_folder_with_registers(tmp_path):
 def test_npy_input_with_official_safetensors(tmp_path):
     model = vit.build_backbone("vits14")
     params = random_params(model)  # Full ViT-S/14 shapes.
-    convert.write_torch_file(convert.params_to_hub(model, params),
+    weights.write_torch_file(torch_layouts.params_to_hub(model, params),
                              str(tmp_path / "vits14.safetensors"))
     images = np.random.randn(3, 28, 42, 3).astype(np.float32)
     np.save(tmp_path / "images.npy", images)
     output = tmp_path / "out" / "feats.npz"
     result = _cli("--weights", tmp_path / "vits14.safetensors", "--arch", "vits14",
-                  "--input", tmp_path / "images.npy", "--output", output, "--batch-size", 2)
+                  "--input", tmp_path / "images.npy", "--output", output, "--batch_size", 2)
     assert result.returncode == 0, result.stderr
     feats = np.load(output)
     assert set(feats.files) == {"cls", "patch", "index"}  # No registers, no paths.

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from dinov2_jax import convert
+from dinov2_jax import weights as weights_lib
 from dinov2_jax.eval import extract, linear
 from dinov2_jax.models import vit
 from tiny_params import random_params
@@ -99,7 +99,7 @@ def _tiny(directory=None, depth=4):
                                       img_size=28, layerscale=1.0, num_register_tokens=2)
     params = random_params(model)
     if directory is not None:
-        convert.save_weights(str(directory), model, params)
+        weights_lib.save(str(directory), model, params)
     return model, params
 
 
@@ -129,9 +129,9 @@ def test_linear_eval_and_cli(tmp_path):
     cli = subprocess.run(
         [sys.executable, "-m", "dinov2_jax.eval.linear", "--weights", str(tmp_path / "weights"),
          "--train", "demo:train:num_images=40:image_size=32",
-         "--val", "demo:val:num_images=16:image_size=32", "--size", "28", "--batch-size", "16",
-         "--epochs", "2", "--epoch-length", "5", "--train-batch-size", "8",
-         "--n-last-blocks", "1,2", "--lrs", "0.01,0.1", "--output", str(output)],
+         "--val", "demo:val:num_images=16:image_size=32", "--size", "28", "--batch_size", "16",
+         "--epochs", "2", "--epoch_length", "5", "--train_batch_size", "8",
+         "--n_last_blocks", "1,2", "--lrs", "0.01,0.1", "--output", str(output)],
         capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert cli.returncode == 0, cli.stderr
     assert "linear/top1" in cli.stdout and "linear heads" in cli.stderr  # Progress shown.
@@ -140,6 +140,6 @@ def test_linear_eval_and_cli(tmp_path):
     assert results["linear/best_n_last_blocks"] in (1, 2)
     assert 0 <= results["linear/top1"] <= 100
     with pytest.raises(ValueError, match=r"n_last_blocks=4 must be in \[1, depth=2\]"):
-        linear.linear_eval(*convert.load_weights(str(tmp_path / "weights")), "demo:train:num_images=4",
+        linear.linear_eval(*weights_lib.load(str(tmp_path / "weights")), "demo:train:num_images=4",
                            "demo:val:num_images=4", image_size=28, resize_size=32, epochs=1,
                            epoch_length=1, progress=False)

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from dinov2_jax import convert
+from dinov2_jax import weights
 from dinov2_jax.eval import retrieval
 from dinov2_jax.models import vit
 from tiny_params import random_params
@@ -83,12 +83,12 @@ def test_retrieval_cli(tmp_path):
     model = vit.DinoVisionTransformer(embed_dim=32, depth=1, num_heads=2, patch_size=14,
                                       img_size=28, layerscale=1.0)
     params = random_params(model)
-    convert.save_weights(str(tmp_path / "weights"), model, params)
+    weights.save(str(tmp_path / "weights"), model, params)
     output = tmp_path / "retrieval.json"
     cli = subprocess.run(
         [sys.executable, "-m", "dinov2_jax.eval.retrieval", "--weights", str(tmp_path / "weights"),
          "--database", "demo:val:num_images=24:image_size=32", "--size", "28",
-         "--batch-size", "8", "--ks", "1,5", "--output", str(output)],
+         "--batch_size", "8", "--ks", "1,5", "--output", str(output)],
         capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert cli.returncode == 0, cli.stderr
     results = json.loads(output.read_text())["results"]

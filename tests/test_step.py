@@ -29,7 +29,8 @@ from dinov2.data.masking import MaskingGenerator  # noqa: E402
 from dinov2.models.vision_transformer import DinoVisionTransformer  # noqa: E402
 from dinov2.utils.utils import CosineScheduler  # noqa: E402
 
-from dinov2_jax import configs, convert  # noqa: E402
+from dinov2_jax import configs  # noqa: E402
+from dinov2_jax.models import torch_layouts  # noqa: E402
 from dinov2_jax.data import masking  # noqa: E402
 from dinov2_jax.train import optim, schedules as schedules_lib  # noqa: E402
 from dinov2_jax.train import state as state_lib, step as step_lib  # noqa: E402
@@ -207,7 +208,7 @@ def head_to_torch(params):
 
 def to_torch_state(networks, params):
     """Student/teacher params {backbone, dino_head[, ibot_head]} -> {module: state dict}."""
-    out = {"backbone": convert.params_to_hub(networks.backbone, params["backbone"])}
+    out = {"backbone": torch_layouts.params_to_hub(networks.backbone, params["backbone"])}
     out.update({name: head_to_torch(params[name]) for name in params if name != "backbone"})
     return out
 

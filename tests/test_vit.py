@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dinov2_jax import convert
-from dinov2_jax.models import heads, packing, pos_embed, vit
+from dinov2_jax.models import heads, packing, pos_embed, torch_layouts, vit
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -102,7 +101,7 @@ def test_parity_with_official_dinov2(shape):
         tmodel = _official_model(1536, 2, 24, "swiglufused")
         model = vit.build_backbone("vitg14", depth=2)
     state = {k: v.numpy() for k, v in tmodel.state_dict().items()}
-    params = convert.hub_to_params(model, convert.canonicalize(state, model))
+    params = torch_layouts.hub_to_params(model, torch_layouts.canonicalize(state, model))
     for height, width, masked in [(224, 224, False), (224, 224, True), (196, 308, False)]:
         images = np.random.randn(2, height, width, 3).astype(np.float32)
         masks = (np.random.rand(2, (height // 14) * (width // 14)) < 0.4) if masked else None
@@ -111,7 +110,7 @@ def test_parity_with_official_dinov2(shape):
             np.testing.assert_allclose(np.asarray(out[key]), ref[key].numpy(), atol=1e-4,
                                        rtol=0, err_msg=f"{key} at {height}x{width}")
     # Export back and strict-load into the official class: bit-identical round trip.
-    exported = convert.params_to_hub(model, params)
+    exported = torch_layouts.params_to_hub(model, params)
     assert exported.keys() == state.keys()
     for key in state:
         np.testing.assert_array_equal(exported[key], state[key], err_msg=key)
@@ -121,8 +120,9 @@ def test_parity_with_official_dinov2(shape):
 def test_intermediate_layers_match_official():
     tmodel, model = _official_model(64, 3, 2, "mlp"), vit.build_backbone(
         "vit_small", embed_dim=64, depth=3, num_heads=2, img_size=518, layerscale=1.0)
-    params = convert.hub_to_params(
-        model, convert.canonicalize({k: v.numpy() for k, v in tmodel.state_dict().items()}, model))
+    params = torch_layouts.hub_to_params(
+        model, torch_layouts.canonicalize(
+            {k: v.numpy() for k, v in tmodel.state_dict().items()}, model))
     images = np.random.randn(2, 112, 98, 3).astype(np.float32)
     with torch.no_grad():
         ref = tmodel.get_intermediate_layers(torch.from_numpy(images.transpose(0, 3, 1, 2)), n=2,
@@ -151,7 +151,8 @@ def test_drop_path_keeps_a_static_subset_scaled_up():
     batch, rate = 10, 0.4
     keep = max(int(batch * (1 - rate)), 1)
     x = jnp.asarray(np.random.randn(batch, 3, 4).astype(np.float32))
-    out = packing.drop_path_add(x, lambda y: jnp.ones_like(y), rate, jax.random.key(np.random.randint(1 << 30)))
+    out = packing.drop_path_add(x, lambda y: jnp.ones_like(y), rate,
+                                jax.random.key(np.random.randint(1 << 30)))
     added = np.asarray(out - x)[:, 0, 0]
     kept = np.isclose(added, batch / keep)
     assert kept.sum() == keep and np.allclose(added[~kept], 0)

@@ -20,24 +20,25 @@ Multi-device and multi-host: each host feeds its slice of the source; batches ar
 over every device of the params' mesh (all devices for host-resident params) and the
 features come back replicated, so every host ends with the features of all images.
 
-The command-line pieces the eval CLIs share (model flags, loading, results) live here too.
+The command-line pieces the eval CLIs share are `dinov2_jax.eval.cli_flags`.
 """
-import argparse
 import functools
-import json
 import math
-import os
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dinov2_jax import convert
+from dinov2_jax import configs
+from dinov2_jax.configs import ConfigError
 from dinov2_jax.data import pipeline, sources
+from dinov2_jax.models import vit
+
+# Bad images in an eval set are skipped and counted under the training stream's thresholds.
+BAD_RECORDS = configs.default_config().train
 
 FEATURES = ("cls", "patch", "reg", "blocks_cls", "patch_mean")
 
@@ -54,7 +55,7 @@ def backbone_features(model, params, images, *, features=("cls",), n_last_blocks
         raise ValueError(f"unknown features {sorted(unknown)}; expected some of {FEATURES}")
     with_blocks = "blocks_cls" in features
     if with_blocks and not 1 <= n_last_blocks <= model.depth:
-        raise ValueError(f"n_last_blocks={n_last_blocks} must be in [1, depth={model.depth}]")
+        raise ConfigError(f"n_last_blocks={n_last_blocks} must be in [1, depth={model.depth}]")
     out = model.apply({"params": params}, images, collect_layers=with_blocks)
     available = {  # Under jit, whatever is not requested is never computed.
         "cls": out["x_norm_clstoken"],
@@ -63,10 +64,9 @@ def backbone_features(model, params, images, *, features=("cls",), n_last_blocks
         "patch_mean": out["x_norm_patchtokens"].astype(jnp.float32).mean(axis=1),
     }
     if with_blocks:
-        cls_tokens = out["layers"][-n_last_blocks:, :, 0]  # (n, B, D) before the final norm
-        norm = nn.LayerNorm(epsilon=1e-6, dtype=model.dtype)
-        available["blocks_cls"] = jnp.swapaxes(
-            norm.apply({"params": params["norm"]}, cls_tokens), 0, 1)
+        blocks = vit.intermediate_layers(model, params, out["layers"], n_last_blocks,
+                                         return_class_token=True)
+        available["blocks_cls"] = jnp.stack([cls for _, cls in blocks], axis=1)
     return {name: available[name].astype(jnp.float32) for name in features}
 
 
@@ -147,7 +147,7 @@ def extract(model, params, batches, *, features=("cls",), n_last_blocks=4, dtype
     iterator = iter(batches)
     first = next(iterator, None)
     if first is None and (num_batches is None or image_shape is None or batch_size is None):
-        raise ValueError("no images to extract features from")
+        raise ConfigError("no images to extract features from")
     if first is not None:
         image_shape = tuple(np.shape(first["image"])[1:])
         batch_size = batch_size or np.shape(first["image"])[0]
@@ -191,12 +191,15 @@ def extract_source(model, params, source, *, features=("cls",), image_size=224,
         source = sources.open_source(source)
     process_count = jax.process_count()
     if batch_size % process_count:
-        raise ValueError(f"batch_size={batch_size} is not divisible by the {process_count} hosts")
+        raise ConfigError(f"batch_size={batch_size} is not divisible by the {process_count} "
+                          "hosts")
     host_batch = batch_size // process_count
     iterator = pipeline.make_eval_iterator(
         source, image_size=image_size,
         resize_size=default_resize_size(image_size) if resize_size is None else resize_size,
-        batch_size=host_batch, num_workers=num_workers)
+        batch_size=host_batch, num_workers=num_workers,
+        max_bad_fraction=BAD_RECORDS.max_bad_fraction,
+        bad_fraction_min_records=BAD_RECORDS.bad_fraction_min_records)
     host_images = math.ceil(len(source) / process_count)
     return extract(model, params, iterator, features=features, n_last_blocks=n_last_blocks,
                    dtype=dtype, batch_size=host_batch,
@@ -210,58 +213,3 @@ def array_batches(images, batch_size):
     for start in range(0, len(images), batch_size):
         chunk = np.asarray(images[start:start + batch_size], np.float32)
         yield {"image": chunk, "index": np.arange(start, start + len(chunk))}
-
-
-# ------------------------------------------------------------------------------------------
-# Command-line pieces shared by the eval CLIs.
-
-
-def add_model_arguments(parser, batch_size=256):
-    """--weights, --arch, --network, --dtype, --size, --batch-size, --num-workers."""
-    parser.add_argument("--weights", required=True,
-                        help="dinov2_jax weights dir, training workdir, or torch .pth/.safetensors")
-    parser.add_argument("--arch", default=None,
-                        help="hub name (vits14, vitl14_reg, ...) or size (vit_large); torch only")
-    parser.add_argument("--network", choices=("teacher", "student"), default="teacher",
-                        help="network of a training workdir")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="compute dtype of the backbone")
-    parser.add_argument("--size", type=int, default=224, help="center-crop size in pixels")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="images per forward")
-    parser.add_argument("--num-workers", type=int, default=0, help="image decoding processes")
-    return parser
-
-
-def load_model(args):
-    """(model, params) named by the parsed --weights/--arch/--network."""
-    if not os.path.exists(args.weights):
-        raise SystemExit(f"--weights {args.weights} does not exist")
-    model, params = convert.load_weights(args.weights, args.arch, args.network)
-    if args.size % model.patch_size:
-        raise SystemExit(f"--size {args.size} is not a multiple of the patch size "
-                         f"{model.patch_size}")
-    return model, params
-
-
-def report(results, args, **context):
-    """Prints `results` (a flat dict of floats) and writes them with context to --output."""
-    width = max(len(name) for name in results)
-    for name, value in results.items():
-        print(f"{name:<{width}}  {value:.4f}" if isinstance(value, float)
-              else f"{name:<{width}}  {value}")
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        record = {"weights": args.weights, "arch": args.arch, "size": args.size,
-                  "dtype": args.dtype, **context, "results": results}
-        with open(args.output, "w") as f:
-            json.dump(record, f, indent=1)
-        print(f"wrote {args.output}", file=sys.stderr)
-
-
-def parser(description):
-    """The eval CLIs' parser: model arguments, --resize-size and --output."""
-    parser = add_model_arguments(argparse.ArgumentParser(description=description))
-    parser.add_argument("--resize-size", type=int, default=None,
-                        help="short side before the crop (default size*256/224)")
-    parser.add_argument("--output", default=None, help="results JSON file")
-    return parser

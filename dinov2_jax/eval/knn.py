@@ -1,4 +1,4 @@
-"""Weighted k-NN classification on frozen features, the reference protocol (spec §7.3).
+"""Weighted k-NN classification on frozen features, the reference protocol (`dinov2/eval/knn.py`).
 
 Features are L2-normalised cls tokens. For each query: cosine similarity to every train
 feature, keep the top max(ks) (200), weights = softmax(similarity / T) over those with
@@ -14,6 +14,7 @@ with a running top-k merge, so no (queries x train) matrix larger than one chunk
   python -m dinov2_jax.eval.knn --weights W [--arch A] --train SRC --val SRC [--output F]
 
 SRC is a data source string: demo:train, folder:/path, tfds:NAME:SPLIT, arrayrecord:GLOB.
+The protocol is in docs/reference.md, Evaluation.
 """
 import functools
 import sys
@@ -23,7 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from dinov2_jax.eval import extract
+from absl import flags
+
+from dinov2_jax import cli
+from dinov2_jax.eval import cli_flags, extract
 
 KS = (10, 20, 100, 200)
 TEMPERATURE = 0.07
@@ -135,7 +139,7 @@ def _check_labels(labels, what):
 def knn_classify(train_features, train_labels, query_features, query_labels, *, ks=KS,
                  temperature=TEMPERATURE, num_classes=None, chunk_size=256,
                  train_chunk_size=65536, progress=False):
-    """k-NN accuracy of `query_features` against `train_features` (spec §7.3).
+    """k-NN accuracy of `query_features` against `train_features` (the module's protocol).
 
     Features (N, D) need not be normalised (they are L2-normalised here); labels are ints
     >= 0; num_classes defaults to the largest label + 1. Returns percentages:
@@ -195,22 +199,29 @@ def knn_eval(model, params, train_source, val_source, *, image_size, resize_size
                         temperature=temperature, progress=progress)
 
 
+def _define(flag_values):
+    cli_flags.define_eval_flags(flag_values)
+    flags.DEFINE_string("train", None, "labelled source of the neighbours", required=True,
+                        flag_values=flag_values)
+    flags.DEFINE_string("val", None, "labelled source of the queries", required=True,
+                        flag_values=flag_values)
+    flags.DEFINE_string("ks", ",".join(map(str, KS)), "comma-separated k values",
+                        flag_values=flag_values)
+    flags.DEFINE_float("temperature", TEMPERATURE, "softmax temperature of the neighbour "
+                       "weights", flag_values=flag_values)
+
+
 def main(argv=None):
-    parser = extract.parser("Weighted k-NN accuracy of a backbone (the DINOv2 protocol).")
-    parser.add_argument("--train", required=True, help="labelled source of the neighbours")
-    parser.add_argument("--val", required=True, help="labelled source of the queries")
-    parser.add_argument("--ks", default=",".join(map(str, KS)), help="comma-separated k values")
-    parser.add_argument("--temperature", type=float, default=TEMPERATURE)
-    args = parser.parse_args(argv)
-    model, params = extract.load_model(args)
+    args = cli.parse(argv, _define, "Weighted k-NN accuracy of a backbone (the DINOv2 protocol).")
+    model, params = cli_flags.load_model(args)
     results = knn_eval(model, params, args.train, args.val, image_size=args.size,
                        resize_size=args.resize_size or extract.default_resize_size(args.size),
-                       batch_size=args.batch_size, ks=tuple(int(k) for k in args.ks.split(",")),
+                       batch_size=args.batch_size, ks=cli_flags.int_list(args, "ks"),
                        temperature=args.temperature, dtype=args.dtype,
                        num_workers=args.num_workers)
-    extract.report(results, args, train=args.train, val=args.val,
-                   temperature=args.temperature)
+    cli_flags.report(results, args, train=args.train, val=args.val,
+                     temperature=args.temperature)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

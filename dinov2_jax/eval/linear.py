@@ -1,4 +1,4 @@
-"""Linear probe on frozen features: the reference's grid of heads (spec §7.4), with optax.
+"""Linear probe on frozen features: the reference's grid of heads (`dinov2/eval/linear.py`).
 
 Inputs per image (from `extract`, features "blocks_cls" and "patch_mean"): the cls tokens of
 the last n blocks through the final norm, concatenated, plus (avgpool) the mean of the last
@@ -15,6 +15,8 @@ transform (resize, center crop) and cached, where the reference re-augments trai
 heads is then seconds, and the backbone runs once per image.
 
   python -m dinov2_jax.eval.linear --weights W [--arch A] --train SRC --val SRC [--output F]
+
+Trained with optax; the protocol is in docs/reference.md, Evaluation.
 """
 import functools
 import sys
@@ -25,7 +27,10 @@ import numpy as np
 import optax
 import tqdm
 
-from dinov2_jax.eval import extract
+from absl import flags
+
+from dinov2_jax import cli
+from dinov2_jax.eval import cli_flags, extract
 
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 N_LAST_BLOCKS = (1, 4)
@@ -221,35 +226,40 @@ def linear_eval(model, params, train_source, val_source, *, image_size, resize_s
     return results
 
 
-def _numbers(text, kind):
-    return tuple(kind(x) for x in text.split(","))
+def _define(flag_values):
+    cli_flags.define_eval_flags(flag_values)
+    flags.DEFINE_string("train", None, "labelled source to train the heads on", required=True,
+                        flag_values=flag_values)
+    flags.DEFINE_string("val", None, "labelled source to pick and score heads", required=True,
+                        flag_values=flag_values)
+    flags.DEFINE_integer("epochs", EPOCHS, "epochs of head training", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("epoch_length", EPOCH_LENGTH, "iterations per epoch", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("train_batch_size", BATCH_SIZE, "features per SGD step (lr scales "
+                         "with it / 256)", lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_string("lrs", ",".join(f"{lr:g}" for lr in LEARNING_RATES),
+                        "comma-separated base learning rates", flag_values=flag_values)
+    flags.DEFINE_string("n_last_blocks", ",".join(map(str, N_LAST_BLOCKS)),
+                        "comma-separated block counts", flag_values=flag_values)
+    flags.DEFINE_integer("seed", 0, "seed of the head init and the batch order",
+                         flag_values=flag_values)
 
 
 def main(argv=None):
-    parser = extract.parser("Linear-probe accuracy of a backbone (the DINOv2 grid of heads).")
-    parser.add_argument("--train", required=True, help="labelled source to train the heads on")
-    parser.add_argument("--val", required=True, help="labelled source to pick and score heads")
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--epoch-length", type=int, default=EPOCH_LENGTH,
-                        help="iterations per epoch")
-    parser.add_argument("--train-batch-size", type=int, default=BATCH_SIZE,
-                        help="features per SGD step (lr scales with it / 256)")
-    parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LEARNING_RATES),
-                        help="comma-separated base learning rates")
-    parser.add_argument("--n-last-blocks", default="1,4", help="comma-separated block counts")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    model, params = extract.load_model(args)
+    args = cli.parse(argv, _define,
+                     "Linear-probe accuracy of a backbone (the DINOv2 grid of heads).")
+    model, params = cli_flags.load_model(args)
     results = linear_eval(
         model, params, args.train, args.val, image_size=args.size,
         resize_size=args.resize_size or extract.default_resize_size(args.size),
         batch_size=args.batch_size, train_batch_size=args.train_batch_size, epochs=args.epochs,
-        epoch_length=args.epoch_length, lrs=_numbers(args.lrs, float),
-        n_last_blocks_list=_numbers(args.n_last_blocks, int), dtype=args.dtype,
+        epoch_length=args.epoch_length, lrs=cli_flags.float_list(args, "lrs"),
+        n_last_blocks_list=cli_flags.int_list(args, "n_last_blocks"), dtype=args.dtype,
         num_workers=args.num_workers, seed=args.seed)
-    extract.report(results, args, train=args.train, val=args.val, epochs=args.epochs,
-                   epoch_length=args.epoch_length, train_batch_size=args.train_batch_size)
+    cli_flags.report(results, args, train=args.train, val=args.val, epochs=args.epochs,
+                     epoch_length=args.epoch_length, train_batch_size=args.train_batch_size)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -21,7 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from dinov2_jax.eval import extract, knn
+from absl import flags
+
+from dinov2_jax import cli
+from dinov2_jax.eval import cli_flags, extract, knn
 
 KS = (1, 5, 10)
 
@@ -114,21 +117,26 @@ def retrieval_eval(model, params, database_source, query_source=None, *, image_s
                              queries["label"], ks=ks, progress=progress)
 
 
+def _define(flag_values):
+    cli_flags.define_eval_flags(flag_values)
+    flags.DEFINE_string("database", None, "labelled source to search in", required=True,
+                        flag_values=flag_values)
+    flags.DEFINE_string("queries", None, "labelled query source (default: the database, "
+                        "leave-one-out)", flag_values=flag_values)
+    flags.DEFINE_string("ks", ",".join(map(str, KS)), "comma-separated k values",
+                        flag_values=flag_values)
+
+
 def main(argv=None):
-    parser = extract.parser("Retrieval mAP and recall@k of a backbone's cls features.")
-    parser.add_argument("--database", required=True, help="labelled source to search in")
-    parser.add_argument("--queries", default=None,
-                        help="labelled query source (default: the database, leave-one-out)")
-    parser.add_argument("--ks", default=",".join(map(str, KS)), help="comma-separated k values")
-    args = parser.parse_args(argv)
-    model, params = extract.load_model(args)
+    args = cli.parse(argv, _define, "Retrieval mAP and recall@k of a backbone's cls features.")
+    model, params = cli_flags.load_model(args)
     results = retrieval_eval(
         model, params, args.database, args.queries, image_size=args.size,
         resize_size=args.resize_size or extract.default_resize_size(args.size),
-        batch_size=args.batch_size, ks=tuple(int(k) for k in args.ks.split(",")),
+        batch_size=args.batch_size, ks=cli_flags.int_list(args, "ks"),
         dtype=args.dtype, num_workers=args.num_workers)
-    extract.report(results, args, database=args.database, queries=args.queries)
+    cli_flags.report(results, args, database=args.database, queries=args.queries)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,0 +1,173 @@
+"""Backbone weights on disk: read and write every form this project exchanges.
+
+  load(path, arch=None, network="teacher") -> (model, params) from
+      - a dinov2_jax weights directory: `model.json` (the backbone's constructor arguments)
+        and `params/` (an orbax checkpoint), as `save` writes it;
+      - a training workdir, its `checkpoints` directory or one `checkpoints/<step>`: the
+        teacher's or student's backbone, the model rebuilt from the run's saved config;
+      - a PyTorch file (.pth / .safetensors) in the official hub, timm, Hugging Face or
+        training-checkpoint layout (`arch`, e.g. vitl14 or vit_large, names its size).
+  save(directory, model, params)        writes a weights directory.
+  export(model, params, output, fmt)    writes a hub or timm file (.pth / .safetensors) or a
+                                        Hugging Face directory (model.safetensors, config.json).
+
+Paths are `etils.epath` paths, so gs:// works like a local path. The key layouts are
+`dinov2_jax.models.torch_layouts`. A wrong path, arch or layout raises ConfigError.
+"""
+import io
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from safetensors import numpy as safetensors_numpy
+
+from dinov2_jax import configs
+from dinov2_jax.configs import ConfigError
+from dinov2_jax.models import torch_layouts, vit
+
+# The constructor arguments a weights directory records in model.json.
+MODEL_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "mlp_ratio",
+                "ffn_layer", "layerscale", "num_register_tokens", "interpolate_offset",
+                "interpolate_antialias")
+NETWORKS = ("teacher", "student")
+EXPORT_FORMATS = ("hub", "timm", "hf")
+
+
+def _absolute(path):
+    """An epath.Path that orbax accepts: local paths made absolute, URLs (gs://) as they are."""
+    path = epath.Path(path)
+    return path if path.is_absolute() else path.absolute()
+
+
+def model_kwargs(model):
+    """The model.json entries of `model`."""
+    return {name: getattr(model, name) for name in MODEL_FIELDS}
+
+
+def read_torch_file(path):
+    """A state dict from `.pth` (needs torch) or `.safetensors` (numpy only), as numpy."""
+    path = epath.Path(path)
+    if path.name.endswith(".safetensors"):
+        return safetensors_numpy.load(path.read_bytes())
+    import torch  # Optional dependency (the `torch` extra): only .pth files need it.
+    with path.open("rb") as f:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+
+    def to_numpy(value):
+        if isinstance(value, dict):
+            return {k: to_numpy(v) for k, v in value.items()}
+        return value.float().numpy() if hasattr(value, "numpy") else value
+
+    return to_numpy(state)
+
+
+def write_torch_file(state_dict, path):
+    """Writes `.safetensors` with numpy, anything else with torch.save (fp32)."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith(".safetensors"):
+        path.write_bytes(safetensors_numpy.save(state_dict))
+        return
+    import torch  # Optional dependency (the `torch` extra): only .pth files need it.
+    buffer = io.BytesIO()
+    torch.save({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict.items()},
+               buffer)
+    path.write_bytes(buffer.getvalue())
+
+
+def save(directory, model, params):
+    """Writes a dinov2_jax weights directory: model.json + params/ (orbax, atomic)."""
+    directory = _absolute(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / "params", params, force=True)
+    checkpointer.wait_until_finished()
+    (directory / "model.json").write_text(json.dumps(model_kwargs(model), indent=1))
+
+
+def _load_directory(directory):
+    model = vit.DinoVisionTransformer(**json.loads((directory / "model.json").read_text()))
+    checkpointer = ocp.StandardCheckpointer()
+    params_dir = directory / "params"
+    # A host-numpy target: restoring onto the saved sharding breaks on other topologies.
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                          checkpointer.metadata(params_dir).item_metadata.tree)
+    return model, checkpointer.restore(params_dir, target)
+
+
+def load_checkpoint(path, network="teacher"):
+    """(model, backbone params) of the teacher or student of a workdir or one of its steps.
+
+    `path` is a workdir (newest step), its `checkpoints` dir, or a `checkpoints/<step>` dir,
+    as `dinov2_jax.train.checkpoint` writes them (items `state` and `meta`; meta holds the
+    run's config). Only that network's backbone is read. The model is returned without drop
+    path, in fp32.
+    """
+    if network not in NETWORKS:
+        raise ConfigError(f"network must be one of {NETWORKS}, got {network!r}")
+    path = _absolute(path)
+    directory, step = path, None
+    if (path / "checkpoints").is_dir():
+        directory = path / "checkpoints"
+    elif path.name.isdigit():
+        directory, step = path.parent, int(path.name)
+    manager = ocp.CheckpointManager(directory,
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ConfigError(f"{path} holds no dinov2_jax weights or checkpoint")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    manager.close()
+    config = configs.from_json(meta["config"])
+    model = vit.backbone_from_config(config).clone(dtype=np.float32, drop_path_rate=0.0)
+    size = config.crops.global_crops_size
+    shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, size, size, 3)))["params"]
+    target = {network: {"backbone": shapes}}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    restored = ocp.PyTreeCheckpointer().restore(
+        directory / str(step) / "state",
+        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+    return model, restored[network]["backbone"]
+
+
+def load(path, arch=None, network="teacher"):
+    """(model, params) from a weights dir, a training workdir/checkpoint, or a torch file.
+
+    `arch` (a hub name like `vitl14` or a size like `vit_large`) is needed for torch files;
+    `network` picks the teacher or student of a training checkpoint.
+    """
+    path = epath.Path(path)
+    if not path.exists():
+        raise ConfigError(f"weights {path} do not exist")
+    if (path / "model.json").exists():
+        return _load_directory(_absolute(path))
+    if path.is_dir():
+        return load_checkpoint(path, network)
+    if arch is None:
+        raise ConfigError(f"an arch (e.g. vitl14, vit_large) is needed to read the torch "
+                          f"checkpoint {path}")
+    if arch not in vit.HUB_MODELS and arch not in vit.ARCHS:
+        raise ConfigError(f"unknown arch {arch!r}; expected one of "
+                          f"{sorted(vit.ARCHS) + sorted(vit.HUB_MODELS)}")
+    model = vit.build_backbone(arch)
+    state = torch_layouts.canonicalize(read_torch_file(path), model)
+    return model, torch_layouts.hub_to_params(model, state)
+
+
+def export(model, params, output, fmt):
+    """Writes `params` as `fmt` ('hub', 'timm' or 'hf') to `output`."""
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"export format must be one of {EXPORT_FORMATS}, got {fmt!r}")
+    state = torch_layouts.params_to_hub(model, params)
+    if fmt == "hub":
+        write_torch_file(state, output)
+    elif fmt == "timm":
+        write_torch_file(torch_layouts.hub_to_timm(state, model), output)
+    else:
+        output = epath.Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "model.safetensors").write_bytes(safetensors_numpy.save(
+            torch_layouts.hub_to_hf(state, model), metadata={"format": "pt"}))
+        (output / "config.json").write_text(json.dumps(torch_layouts.hf_config(model), indent=1))
