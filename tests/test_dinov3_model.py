@@ -1,6 +1,7 @@
 """DINOv3 model options: axial RoPE (against a float64 transcription of
 `dinov3/layers/rope_position_encoding.py` and `rope_apply` of `dinov3/layers/attention.py`),
 and the backbone options, each off by default."""
+import functools
 import math
 
 import jax
@@ -109,3 +110,153 @@ def test_rope_rescale_draws_one_log_uniform_factor_for_both_axes():
     assert log_factors.min() < -0.5 and log_factors.max() > 0.5  # spread over [-log 2, log 2]
     one = rope.augment_coords(coords, jax.random.key(0), rescale=1.0)
     assert np.array_equal(one, coords)  # rescale 1: the identity
+
+
+# ------------------------------------------------------------------ backbone options
+
+from dinov2_jax.models import vit  # noqa: E402
+
+# Tiny DINOv3-style backbone; LayerScale 1 so that every block changes the output.
+TINY = dict(embed_dim=32, depth=2, num_heads=2, layerscale=1.0)
+
+
+def _tiny(arch="dinov3_vits16", **overrides):
+    return vit.build_backbone(arch, **{**TINY, **overrides})
+
+
+def _init(model, images):
+    """Random parameters of every kind (biases, norms and tokens too; init makes them
+    constants), drawn with numpy from the shapes: no init to compile."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+
+    def draw(path, shape):
+        noise = np.float32(0.1 * np.random.randn(*shape.shape))
+        return noise + 1 if jax.tree_util.keystr(path).endswith(("'scale']", "'gamma']")) else noise
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@functools.lru_cache
+def _jitted_apply(model, train):
+    return jax.jit(lambda p, x, key: model.apply({"params": p}, x, train=train,
+                                                 rngs={"dropout": key}))
+
+
+def _run(model, params, images, seed=None):
+    """model.apply, jitted once per model (eager dispatch compiles every small op);
+    train=True with a seed."""
+    key = jax.random.key(0 if seed is None else seed)
+    return _jitted_apply(model, seed is not None)(params, images, key)
+
+
+def _images(*shape):
+    return jnp.asarray(np.random.randn(*shape, 3), jnp.float32)
+
+
+def test_rope_backbone_has_no_position_table_and_sees_positions():
+    model = _tiny()
+    images = _images(2, 32, 48)
+    params = _init(model, images)
+    assert "pos_embed" not in params and params["register_tokens"].shape == (1, 4, 32)
+    out = _run(model, params, images)
+    assert out["x_norm_patchtokens"].shape == (2, 6, 32)
+    assert out["x_norm_regtokens"].shape == (2, 4, 32)
+    # RoPE makes the output depend on where a patch is: flipping the image is not a permutation
+    flipped = _run(model, params, images[:, :, ::-1])
+    patches = np.asarray(out["x_norm_patchtokens"]).reshape(2, 2, 3, 32)[:, :, ::-1]
+    assert not np.allclose(np.asarray(flipped["x_norm_patchtokens"]).reshape(2, 2, 3, 32),
+                           patches, atol=1e-3)
+
+
+def test_rope_rescale_is_deterministic_per_seed_and_identity_at_eval_with_rescale_one():
+    model = _tiny(rope_rescale=2.0, rope_shift=0.1)
+    images = _images(2, 32, 32)
+    params = _init(model, images)
+    train = jax.jit(lambda p, key, rescale: model.clone(rope_rescale=rescale).apply(
+        {"params": p}, images, train=True, rngs={"dropout": key})["x_norm_clstoken"],
+        static_argnums=2)
+    first = train(params, jax.random.key(5), 2.0)
+    assert np.array_equal(first, train(params, jax.random.key(5), 2.0))
+    assert not np.allclose(first, train(params, jax.random.key(6), 2.0), atol=1e-4)
+    eval_out = _run(model, params, images)["x_norm_clstoken"]
+    assert not np.allclose(first, eval_out, atol=1e-4)  # augmentation on in training
+    plain = model.clone(rope_rescale=1.0, rope_shift=None)
+    plain_train = jax.jit(lambda p, key: plain.apply({"params": p}, images, train=True,
+                                                     rngs={"dropout": key}))
+    assert np.array_equal(plain_train(params, jax.random.key(5))["x_norm_clstoken"],
+                          _run(plain, params, images)["x_norm_clstoken"])
+
+
+def test_mask_k_bias_ignores_the_k_third_of_the_bias():
+    model = _tiny()
+    images = _images(2, 32, 32)
+    params = _init(model, images)
+    bias = jnp.asarray(params["blocks"]["attn"]["qkv"]["bias"])
+    run = lambda b: _run(model, {**params, "blocks": {**params["blocks"], "attn": {
+        **params["blocks"]["attn"], "qkv": {**params["blocks"]["attn"]["qkv"], "bias": b}}}},
+        images)["x_norm_clstoken"]
+    base = run(bias)
+    assert np.array_equal(base, run(bias.at[:, 32:64].add(5.0)))  # K third: no effect
+    assert not np.allclose(base, run(bias.at[:, :32].add(0.5)), atol=1e-4)  # Q third: used
+    unmasked = model.clone(mask_k_bias=False)
+    assert not np.allclose(base, _run(unmasked, params, images)["x_norm_clstoken"], atol=1e-5)
+    no_bias = _tiny(qkv_bias=False)
+    assert "bias" not in jax.eval_shape(no_bias.init, jax.random.key(0), images)["params"][
+        "blocks"]["attn"]["qkv"]
+
+
+def test_unpacked_swiglu_is_packed_swiglu_with_w12_concatenated():
+    unpacked = _tiny("dinov3_vits16plus")
+    images = _images(2, 32, 32)
+    params = _init(unpacked, images)
+    mlp = params["blocks"]["mlp"]
+    assert mlp["w1"]["kernel"].shape == (2, 32, 128)  # int(int(32 * 6) * 2 / 3) = 128
+    packed_mlp = {"w12": {k: jnp.concatenate([mlp["w1"][k], mlp["w2"][k]], axis=-1)
+                          for k in ("kernel", "bias")}, "w3": mlp["w3"]}
+    packed = unpacked.clone(swiglu_unpacked=False)
+    ours = _run(unpacked, params, images)["x_norm_patchtokens"]
+    theirs = _run(packed, {**params, "blocks": {**params["blocks"], "mlp": packed_mlp}},
+                  images)["x_norm_patchtokens"]
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)  # fp32, one matmul split in two
+
+
+def test_swiglu_hidden_alignment():
+    assert vit.swiglu_hidden_dim(4096, 3, align=64) == 8192  # ViT-7B
+    assert vit.swiglu_hidden_dim(100, 3, align=64) == 256    # 200 rounded up to 64
+    assert vit.swiglu_hidden_dim(100, 3) == 200
+    assert vit.swiglu_hidden_dim(1536, 4.0) == 4096  # ViT-g, unchanged
+
+
+def test_untied_local_cls_norm_normalises_local_crops_cls_and_storage_in_training():
+    model = _tiny(untie_local_cls_norm=True)
+    global_crops, local_crops = _images(2, 32, 32), _images(4, 16, 16)
+    params = _init(model, global_crops)
+    assert set(params["local_cls_norm"]) == {"scale", "bias"}
+    plain = model.clone(rope_rescale=None)  # the same tokens without coordinate augmentation
+    train = _run(plain, params, [global_crops, local_crops], seed=0)
+    evals = _run(plain, params, [global_crops, local_crops])
+    assert np.array_equal(train[0]["x_norm_clstoken"], evals[0]["x_norm_clstoken"])
+    assert np.array_equal(train[1]["x_norm_patchtokens"], evals[1]["x_norm_patchtokens"])
+    prenorm = train[1]["x_prenorm"][:, :5]
+    mean = prenorm.mean(-1, keepdims=True)
+    var = ((prenorm - mean) ** 2).mean(-1, keepdims=True)
+    local = params["local_cls_norm"]
+    expected = (prenorm - mean) / np.sqrt(var + 1e-5) * local["scale"] + local["bias"]
+    np.testing.assert_allclose(train[1]["x_norm_clstoken"], expected[:, 0], atol=1e-5)
+    np.testing.assert_allclose(train[1]["x_norm_regtokens"], expected[:, 1:], atol=1e-5)
+    assert not np.allclose(train[1]["x_norm_clstoken"], evals[1]["x_norm_clstoken"], atol=1e-3)
+
+
+def test_packed_crops_with_rope_equal_unpacked():
+    model = _tiny(drop_path_rate=0.4, rope_rescale=2.0)
+    crops = [_images(4, 32, 32), _images(8, 16, 16)]
+    params = _init(model, crops[0])
+    run = lambda m: _run(m, params, crops, seed=2)
+    unpacked, packed = run(model), run(model.clone(pack_crops=True))
+    for a, b in zip(unpacked, packed):
+        # fp32, the same math in another association order (packed matmuls)
+        np.testing.assert_allclose(a["x_norm_patchtokens"], b["x_norm_patchtokens"], atol=1e-5)
+        np.testing.assert_allclose(a["x_norm_clstoken"], b["x_norm_clstoken"], atol=1e-5)
+    same_length = [_images(4, 16, 32), _images(4, 32, 16)]
+    with pytest.raises(ValueError, match="distinct lengths"):
+        _run(model.clone(pack_crops=True), params, same_length)

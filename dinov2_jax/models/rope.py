@@ -31,7 +31,7 @@ def periods(head_dim, base=100.0, min_period=None, max_period=None, dtype="float
         values = np.float32(base) ** (2 * np.arange(n, dtype=np.float32) / np.float32(head_dim // 2))
     else:
         raise ValueError("RoPE needs a base or both min_period and max_period")
-    return np.asarray(jnp.asarray(values, dtype).astype(jnp.float32))
+    return np.asarray(values).astype(jnp.dtype(dtype)).astype(np.float32)  # numpy: static
 
 
 def patch_coords(grid_h, grid_w, normalize="separate"):

@@ -9,6 +9,11 @@ groups through the same scanned blocks: one group after another, or, with `pack_
 into equal sequences of block-diagonal attention (`packing.PackLayout`), so that every block
 runs one attention call and one set of matmuls over the tokens of all groups. The formulas and
 quirks are in docs/reference.md, Model.
+
+DINOv3's options (`dinov3/models/vision_transformer.py`), each off by default: `pos_embed="rope"`
+(axial RoPE on patch tokens, `rope`, instead of the learned table), storage tokens (the
+register layout), `mask_k_bias`, `qkv_bias`, `layernorm_eps`, `untie_local_cls_norm`, and the
+unpacked SwiGLU `w1`/`w2`/`w3` (`swiglu_unpacked`, hidden width aligned to `ffn_align`).
 """
 import math
 from typing import Any
@@ -18,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dinov2_jax.models import attention, packing, pos_embed
+from dinov2_jax.models import attention, packing, pos_embed, rope
 
 # Sizes of the reference constructors (`vit_small`... in dinov2/models/vision_transformer.py).
 ARCHS = {
@@ -26,6 +31,9 @@ ARCHS = {
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
     "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24),
+    # dinov3/models/vision_transformer.py
+    "vit_huge2": dict(embed_dim=1280, depth=32, num_heads=20),
+    "vit_7b": dict(embed_dim=4096, depth=40, num_heads=32),
 }
 
 # The eight torch.hub backbones (dinov2/hub/backbones.py): construction size 518, LayerScale 1.0.
@@ -39,6 +47,25 @@ for _name, _arch in _HUB_BASE.items():
                              interpolate_antialias=False)
     HUB_MODELS[_name + "_reg"] = dict(_common, num_register_tokens=4, interpolate_offset=0.0,
                                       interpolate_antialias=True)
+
+# The DINOv3 hub backbones (dinov3/hub/backbones.py): patch 16, 4 storage tokens, RoPE base 100
+# with rescale 2 (a training-time option), LayerNorm eps 1e-5, LayerScale, masked K bias.
+_DINOV3_COMMON = dict(patch_size=16, img_size=224, layerscale=1e-5, num_register_tokens=4,
+                      pos_embed="rope", rope_rescale=2.0, layernorm_eps=1e-5, mask_k_bias=True)
+_DINOV3_SWIGLU = dict(ffn_layer="swiglu", swiglu_unpacked=True, mlp_ratio=6.0)
+DINOV3_HUB_MODELS = {
+    "dinov3_vits16": dict(_DINOV3_COMMON, arch="vit_small"),
+    "dinov3_vits16plus": dict(_DINOV3_COMMON, arch="vit_small", **_DINOV3_SWIGLU),
+    "dinov3_vitb16": dict(_DINOV3_COMMON, arch="vit_base"),
+    "dinov3_vitl16": dict(_DINOV3_COMMON, arch="vit_large"),
+    "dinov3_vitl16plus": dict(_DINOV3_COMMON, arch="vit_large", **_DINOV3_SWIGLU),
+    "dinov3_vith16plus": dict(_DINOV3_COMMON, arch="vit_huge2", **_DINOV3_SWIGLU),
+    "dinov3_vit7b16": dict(_DINOV3_COMMON, arch="vit_7b", ffn_layer="swiglu",
+                           swiglu_unpacked=True, mlp_ratio=3.0, ffn_align=64, qkv_bias=False,
+                           untie_local_cls_norm=True),
+}
+HUB_MODELS.update(DINOV3_HUB_MODELS)
+POS_EMBEDS = ("learned", "rope")
 
 FFN_LAYERS = ("mlp", "swiglu")
 DTYPES = ("float32", "bfloat16")  # compute dtypes by name (`jnp.dtype(name)`)
@@ -66,18 +93,19 @@ def torch_default_uniform(fan_in):
     return init
 
 
-def swiglu_hidden_dim(embed_dim, mlp_ratio):
-    """Hidden width of the reference SwiGLU: 2/3 of the mlp width, rounded up to 8."""
-    hidden = int(embed_dim * mlp_ratio)
-    return ((int(hidden * 2 / 3) + 7) // 8) * 8
+def swiglu_hidden_dim(embed_dim, mlp_ratio, align=8):
+    """Hidden width of the reference SwiGLU: 2/3 of the mlp width, rounded up to `align`
+    (8 in DINOv2; DINOv3's `swiglu64` aligns to 64)."""
+    hidden = int(int(embed_dim * mlp_ratio) * 2 / 3)
+    return hidden + (-hidden % align)
 
 
-def ffn_hidden_dim(embed_dim, mlp_ratio, ffn_layer):
+def ffn_hidden_dim(embed_dim, mlp_ratio, ffn_layer, align=8):
     """Hidden width of a block's FFN: int(D * mlp_ratio) for mlp, `swiglu_hidden_dim` for swiglu."""
     if ffn_layer not in FFN_LAYERS:
         raise ValueError(f"ffn_layer must be one of {FFN_LAYERS}, got {ffn_layer!r}")
     if ffn_layer == "swiglu":
-        return swiglu_hidden_dim(embed_dim, mlp_ratio)
+        return swiglu_hidden_dim(embed_dim, mlp_ratio, align)
     return int(embed_dim * mlp_ratio)
 
 
@@ -95,24 +123,49 @@ class LayerScale(nn.Module):
         return x * gamma.astype(x.dtype)
 
 
+class MaskedKBiasDense(nn.Module):
+    """The qkv projection with DINOv3's `mask_k_bias` (`LinearKMaskedBias`): the K third of the
+    bias is multiplied by 0, so K has no bias; the stored bias keeps all three thirds."""
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", dense_init, (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        third = self.features // 3
+        bias_mask = np.ones(self.features, np.float32)
+        bias_mask[third:2 * third] = 0
+        return jnp.dot(x, kernel.astype(self.dtype)) + (bias * bias_mask).astype(self.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (q|k|v, heads contiguous).
 
     `segment_lengths` (static, summing to the tokens) makes attention block-diagonal over
-    packed crops, the same layout in every sequence.
+    packed crops, the same layout in every sequence. `rope_tables` (sin, cos), each
+    (T, D_h), rotate queries and keys (`rope.apply`).
     """
     num_heads: int
     backend: str = "auto"
     dtype: Any = jnp.float32
+    qkv_bias: bool = True
+    mask_k_bias: bool = False
 
     @nn.compact
-    def __call__(self, x, segment_lengths=None):
+    def __call__(self, x, segment_lengths=None, rope_tables=None):
         batch, length, dim = x.shape
-        qkv = nn.Dense(3 * dim, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
+        if self.mask_k_bias and self.qkv_bias:
+            qkv = MaskedKBiasDense(3 * dim, self.dtype, name="qkv")(x)
+        else:
+            qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, dtype=self.dtype,
+                           kernel_init=dense_init, name="qkv")(x)
         qkv = qkv.reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
-        out = attention.dot_product_attention(
-            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], segment_lengths=segment_lengths,
-            backend=self.backend)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if rope_tables is not None:
+            q, k = rope.apply(q, *rope_tables), rope.apply(k, *rope_tables)
+        out = attention.dot_product_attention(q, k, v, segment_lengths=segment_lengths,
+                                              backend=self.backend)
         out = out.reshape(batch, length, dim)
         return nn.Dense(dim, dtype=self.dtype, kernel_init=dense_init, name="proj")(out)
 
@@ -142,6 +195,19 @@ class SwiGLU(nn.Module):
             jax.nn.silu(gate) * value)
 
 
+class SwiGLUUnpacked(nn.Module):
+    """DINOv3's `SwiGLUFFN` (`dinov3/layers/ffn_layers.py`): silu(w1 x) * w2 x -> w3. The same
+    function as `SwiGLU` with w12 = [w1 | w2], in separate matrices (each shards on its own)."""
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, kernel_init=dense_init, name=name)
+        gate, value = dense(self.hidden_dim, "w1")(x), dense(self.hidden_dim, "w2")(x)
+        return dense(x.shape[-1], "w3")(jax.nn.silu(gate) * value)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block applied to a tuple of token groups; a `nn.scan` body.
 
@@ -151,6 +217,11 @@ class Block(nn.Module):
     all groups packed by `packing.plan_packing` (with drop path: sequences no longer than those
     of the full groups). Both consume the dropout rng alike, so they give equal results. Returns the
     new groups as the scan carry and, when `collect`, also as the scan output.
+
+    With `rope`, group g is a `grids[g]` patch grid after `num_prefix` prefix tokens; every
+    block computes its own RoPE tables, in training with fresh coordinate augmentation draws
+    per block and group (the dropout stream), as `forward_features_list` of
+    `dinov3/models/vision_transformer.py` calls `rope_embed` in every block.
     """
     num_heads: int
     ffn_layer: str
@@ -162,13 +233,45 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
     train: bool = False
     collect: bool = False
+    layernorm_eps: float = 1e-6
+    qkv_bias: bool = True
+    mask_k_bias: bool = False
+    swiglu_unpacked: bool = False
+    rope_settings: rope.Rope | None = None
+    grids: tuple = ()
+    num_prefix: int = 0
+
+    def _rope_tables(self, groups):
+        """Per group (sin, cos) over its tokens, or None without RoPE."""
+        if self.rope_settings is None:
+            return [None] * len(groups)
+        augment = self.train and self.rope_settings.augments
+        return [self.rope_settings.tables(*grid, self.num_prefix,
+                                 self.make_rng("dropout") if augment else None)
+                for grid in self.grids]
+
+    @staticmethod
+    def _packed_rope_tables(tables, groups, segment_lengths):
+        """The tables of a packed sequence: each segment takes its group's (by token count)."""
+        if tables[0] is None:
+            return None
+        by_length = {}
+        for x, table in zip(groups, tables):
+            by_length.setdefault(x.shape[1], []).append(table)
+        if any(len(v) > 1 for v in by_length.values()):
+            raise ValueError("pack_crops with RoPE needs token groups of distinct lengths, got "
+                             f"{[x.shape[1] for x in groups]}")
+        return tuple(jnp.concatenate([by_length[n][0][i] for n in segment_lengths])
+                     for i in range(2))
 
     @nn.compact
     def __call__(self, groups, _):
-        norm1 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")
-        norm2 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")
-        attn = Attention(self.num_heads, self.attention_backend, self.dtype, name="attn")
-        ffn_cls = {"mlp": Mlp, "swiglu": SwiGLU}[self.ffn_layer]
+        norm1 = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype, name="norm1")
+        norm2 = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype, name="norm2")
+        attn = Attention(self.num_heads, self.attention_backend, self.dtype, self.qkv_bias,
+                         self.mask_k_bias, name="attn")
+        ffn_cls = (SwiGLUUnpacked if self.swiglu_unpacked
+                   else {"mlp": Mlp, "swiglu": SwiGLU}[self.ffn_layer])
         ffn = ffn_cls(self.ffn_hidden_dim, self.dtype, name="mlp")
         if self.layerscale:
             ls1 = LayerScale(self.layerscale, name="ls1")
@@ -179,15 +282,19 @@ class Block(nn.Module):
         # Per group: one key for the attention branch, one for the ffn branch.
         rngs = [jax.random.split(self.make_rng("dropout"), 2) if use_drop else (None, None)
                 for _ in groups]
+        tables = self._rope_tables(groups)
         if self.pack_crops:
-            outputs = self._packed(groups, rngs if use_drop else None,
-                                   lambda y, lengths: ls1(attn(norm1(y), lengths)),
-                                   lambda y, _: ls2(ffn(norm2(y))))
+            outputs = self._packed(
+                groups, rngs if use_drop else None,
+                lambda y, lengths: ls1(attn(norm1(y), lengths, self._packed_rope_tables(
+                    tables, groups, lengths))),
+                lambda y, _: ls2(ffn(norm2(y))))
         else:
             outputs = []
-            for x, (attn_rng, ffn_rng) in zip(groups, rngs):
-                x = packing.drop_path_add(x, lambda y: ls1(attn(norm1(y))), self.drop_path_rate,
-                                          attn_rng)
+            for x, (attn_rng, ffn_rng), table in zip(groups, rngs, tables):
+                x = packing.drop_path_add(
+                    x, lambda y, t=table: ls1(attn(norm1(y), rope_tables=t)), self.drop_path_rate,
+                    attn_rng)
                 x = packing.drop_path_add(x, lambda y: ls2(ffn(norm2(y))), self.drop_path_rate,
                                           ffn_rng)
                 outputs.append(x)
@@ -242,20 +349,52 @@ class DinoVisionTransformer(nn.Module):
     attention_backend: str = "auto"
     pack_crops: bool = False
     dtype: Any = jnp.float32
+    # DINOv3 options (dinov3/models/vision_transformer.py); the defaults are DINOv2's.
+    pos_embed: str = "learned"
+    rope_base: float | None = 100.0
+    rope_min_period: float | None = None
+    rope_max_period: float | None = None
+    rope_normalize: str = "separate"
+    rope_shift: float | None = None
+    rope_jitter: float | None = None
+    rope_rescale: float | None = None
+    rope_periods_dtype: str = "float32"
+    qkv_bias: bool = True
+    mask_k_bias: bool = False
+    layernorm_eps: float = 1e-6
+    swiglu_unpacked: bool = False
+    ffn_align: int = 8
+    untie_local_cls_norm: bool = False
 
     def _validate(self):
         if self.ffn_layer not in FFN_LAYERS:
             raise ValueError(f"ffn_layer must be one of {FFN_LAYERS}, got {self.ffn_layer!r}")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+        if self.swiglu_unpacked and self.ffn_layer != "swiglu":
+            raise ValueError("swiglu_unpacked needs ffn_layer='swiglu'")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, "
                              f"got {self.remat_policy!r}")
 
+    def rope_settings(self):
+        """The `rope.Rope` of this model, or None with a learned position embedding."""
+        if self.pos_embed != "rope":
+            return None
+        return rope.Rope(self.embed_dim // self.num_heads, self.rope_base, self.rope_min_period,
+                         self.rope_max_period, self.rope_normalize, self.rope_shift,
+                         self.rope_jitter, self.rope_rescale, self.rope_periods_dtype)
+
     def _block_kwargs(self):
-        hidden = ffn_hidden_dim(self.embed_dim, self.mlp_ratio, self.ffn_layer)
-        return dict(num_heads=self.num_heads, ffn_layer=self.ffn_layer, ffn_hidden_dim=hidden,
-                    layerscale=self.layerscale, drop_path_rate=self.drop_path_rate,
-                    attention_backend=self.attention_backend, pack_crops=self.pack_crops,
-                    dtype=self.dtype)
+        hidden = ffn_hidden_dim(self.embed_dim, self.mlp_ratio, self.ffn_layer, self.ffn_align)
+        kwargs = dict(num_heads=self.num_heads, ffn_layer=self.ffn_layer, ffn_hidden_dim=hidden,
+                      layerscale=self.layerscale, drop_path_rate=self.drop_path_rate,
+                      attention_backend=self.attention_backend, pack_crops=self.pack_crops,
+                      dtype=self.dtype)
+        dinov3 = dict(layernorm_eps=self.layernorm_eps, qkv_bias=self.qkv_bias,
+                      mask_k_bias=self.mask_k_bias, swiglu_unpacked=self.swiglu_unpacked,
+                      rope_settings=self.rope_settings(), num_prefix=1 + self.num_register_tokens)
+        return {**kwargs, **dinov3}
 
     def _embedding_params(self):
         dim, patch = self.embed_dim, self.patch_size
@@ -266,7 +405,8 @@ class DinoVisionTransformer(nn.Module):
             bias_init=torch_default_uniform(3 * patch * patch), name="patch_embed")
         tokens = dict(
             cls=self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, dim)),
-            pos=self.param("pos_embed", nn.initializers.normal(0.02), (1, 1 + grid * grid, dim)),
+            pos=(self.param("pos_embed", nn.initializers.normal(0.02), (1, 1 + grid * grid, dim))
+                 if self.pos_embed == "learned" else None),
             mask=self.param("mask_token", nn.initializers.zeros, (1, dim)),
             registers=(self.param("register_tokens", nn.initializers.normal(1e-6),
                                   (1, self.num_register_tokens, dim))
@@ -285,30 +425,33 @@ class DinoVisionTransformer(nn.Module):
             x = jnp.where(masks[..., None], tokens["mask"].astype(x.dtype)[None], x)
         cls = jnp.broadcast_to(tokens["cls"].astype(x.dtype), (batch, 1, self.embed_dim))
         x = jnp.concatenate([cls, x], axis=1)
-        pos = pos_embed.interpolate_pos_embed(tokens["pos"], height // patch, width // patch,
-                                              offset=self.interpolate_offset,
-                                              antialias=self.interpolate_antialias,
-                                              square_input=height == width)
-        x = x + pos.astype(x.dtype)
+        if tokens["pos"] is not None:
+            pos = pos_embed.interpolate_pos_embed(tokens["pos"], height // patch, width // patch,
+                                                  offset=self.interpolate_offset,
+                                                  antialias=self.interpolate_antialias,
+                                                  square_input=height == width)
+            x = x + pos.astype(x.dtype)
         if tokens["registers"] is not None:
             registers = jnp.broadcast_to(tokens["registers"].astype(x.dtype),
                                          (batch, self.num_register_tokens, self.embed_dim))
             x = jnp.concatenate([x[:, :1], registers, x[:, 1:]], axis=1)
         return x
 
-    def _blocks(self, groups, train, collect):
+    def _blocks(self, groups, train, collect, grids):
         body = Block
         if self.remat_policy != "none":
             body = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
         stack = nn.scan(
             body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
             length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
-        return stack(**self._block_kwargs(), train=train, collect=collect, name="blocks")(
-            groups, None)
+        return stack(**self._block_kwargs(), train=train, collect=collect, grids=grids,
+                     name="blocks")(groups, None)
 
-    def _outputs(self, norm, x_prenorm, masks, layers):
+    def _outputs(self, norm, x_prenorm, masks, layers, cls_norm=None):
         r = self.num_register_tokens
         x_norm = norm(x_prenorm)
+        if cls_norm is not None:  # DINOv3's local_cls_norm: its own norm for cls and storage
+            x_norm = jnp.concatenate([cls_norm(x_prenorm[:, :1 + r]), x_norm[:, 1 + r:]], axis=1)
         out = {
             "x_norm_clstoken": x_norm[:, 0],
             "x_norm_regtokens": x_norm[:, 1:1 + r],
@@ -331,9 +474,21 @@ class DinoVisionTransformer(nn.Module):
         patch_embed, tokens = self._embedding_params()
         groups = tuple(self._prepare_tokens(patch_embed, tokens, x, m)
                        for x, m in zip(image_groups, mask_groups))
-        groups, layers = self._blocks(groups, train, collect_layers)
-        norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")
-        outputs = [self._outputs(norm, x, m, None if layers is None else layers[i])
+        grids = tuple((x.shape[1] // self.patch_size, x.shape[2] // self.patch_size)
+                      for x in image_groups)
+        groups, layers = self._blocks(groups, train, collect_layers, grids)
+        norm = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype, name="norm")
+        cls_norms = [None] * len(groups)
+        if self.untie_local_cls_norm:
+            # `untie_global_and_local_cls_norm`: in training the second group (local crops)
+            # normalises its cls and storage tokens with `local_cls_norm`.
+            local_cls_norm = nn.LayerNorm(epsilon=self.layernorm_eps, dtype=self.dtype,
+                                          name="local_cls_norm")
+            if self.is_initializing():
+                local_cls_norm(jnp.zeros((1, self.embed_dim), self.dtype))
+            if train and len(groups) > 1:
+                cls_norms[1] = local_cls_norm
+        outputs = [self._outputs(norm, x, m, None if layers is None else layers[i], cls_norms[i])
                    for i, (x, m) in enumerate(zip(groups, mask_groups))]
         return outputs if is_list else outputs[0]
 
@@ -380,7 +535,8 @@ def intermediate_layers(model, params, layers, n=1, *, image_shape=None, reshape
     for index in indices:
         x = layers[index]
         if norm:
-            x = nn.LayerNorm(epsilon=1e-6, dtype=model.dtype).apply({"params": params["norm"]}, x)
+            x = nn.LayerNorm(epsilon=model.layernorm_eps, dtype=model.dtype).apply(
+                {"params": params["norm"]}, x)
         cls, patches = x[:, 0], x[:, 1 + model.num_register_tokens:]
         if reshape:
             height, width = image_shape
