@@ -11,13 +11,12 @@ params are replicated, so batch norm statistics are global (SyncBN).
 
 `window_views` lists the views of one image; `extract_windows` caches the features of all
 windows of a source; `train_head` fits a flax head with AdamW and mmseg's poly schedule with
-linear warm-up; `predict_image` stitches one image's windows. The CLIs' model flags and
-result file live here too.
+linear warm-up; `predict_image` stitches one image's windows. The probes' CLI pieces (on
+`cli_flags`) live here too.
 """
 import concurrent.futures
 import dataclasses
 import functools
-import json
 import sys
 
 import jax
@@ -26,12 +25,10 @@ import numpy as np
 import optax
 import tqdm
 from absl import flags
-from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dinov2_jax import convert
 from dinov2_jax.configs import ConfigError
-from dinov2_jax.eval import dense_data
+from dinov2_jax.eval import cli_flags, dense_data, extract
 from dinov2_jax.models import vit
 
 # Blocks the depth protocol's 4-layer variant reads (0-based), from the reference's
@@ -80,28 +77,6 @@ def view_windows(image, view):
 
 # ------------------------------------------------------------------------------------------
 # Backbone features of windows.
-
-
-def batch_mesh(params):
-    """The params' mesh when they are sharded on one, else a 1-D mesh of all devices."""
-    for leaf in jax.tree.leaves(params):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, NamedSharding):
-            return sharding.mesh
-    return Mesh(np.asarray(jax.devices()), ("batch",))
-
-
-def replicate(tree, mesh):
-    """`tree` on `mesh`, replicated, except leaves already sharded on it."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def place(leaf):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
-            return leaf
-        return jax.device_put(leaf, replicated)
-
-    return jax.tree.map(place, tree)
 
 
 def shard_batch(array, mesh):
@@ -174,8 +149,8 @@ def extract_windows(model, params, source, *, size, stride, blocks, norm, train,
     """
     if size % model.patch_size:
         raise ConfigError(f"size {size} is not a multiple of the patch size {model.patch_size}")
-    mesh = batch_mesh(params)
-    params = replicate(params, mesh)
+    mesh = extract.batch_mesh(params)
+    params = extract.replicate(params, mesh)
     forward = _window_forward(model, tuple(blocks), bool(norm), mesh)
     padded = -(-batch_size // jax.device_count()) * jax.device_count()
     collected = {"patch": [], "cls": [], "image": [], "targets": []}
@@ -243,25 +218,26 @@ def poly_schedule(lr, steps, warmup_steps, warmup_ratio=1e-6, power=1.0):
     return schedule
 
 
-def train_head(head, loss_fn, cache, *, steps, batch_size, lr, weight_decay, warmup_steps,
+def train_head(head, loss_fn, data, *, steps, batch_size, lr, weight_decay, warmup_steps,
                seed=0, progress=True, desc="head"):
     """Variables of `head` (a flax module: head(patch, cls, train) -> outputs) fitted with
     AdamW (betas 0.9, 0.999) and `poly_schedule` to minimise `loss_fn(outputs, targets,
-    step)` over random batches of the cached training windows (a new permutation per epoch).
-    Returns (variables, final loss)."""
+    step)` over random batches of `data` (anything with `patch`, `cls` and `targets` arrays of
+    equal length, such as a training `WindowCache`; a new permutation per epoch). Returns
+    (variables, final loss)."""
     if steps < 1:
         raise ConfigError(f"steps={steps} must be at least 1")
-    count = len(cache.patch)
+    count = len(data.patch)
     mesh = Mesh(np.asarray(jax.devices()), ("batch",))
     batch_size = -(-min(batch_size, count) // jax.device_count()) * jax.device_count()
     key = jax.random.key(seed)
-    variables = head.init(key, jnp.asarray(cache.patch[:1], jnp.float32),
-                          jnp.asarray(cache.cls[:1], jnp.float32), train=False)
+    variables = head.init(key, jnp.asarray(data.patch[:1], jnp.float32),
+                          jnp.asarray(data.cls[:1], jnp.float32), train=False)
     params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
     optimizer = optax.adamw(poly_schedule(lr, steps, warmup_steps), b1=0.9, b2=0.999,
                             weight_decay=weight_decay)
-    params, state = replicate(params, mesh), replicate(state, mesh)
-    opt_state = replicate(optimizer.init(params), mesh)
+    params, state = extract.replicate(params, mesh), extract.replicate(state, mesh)
+    opt_state = extract.replicate(optimizer.init(params), mesh)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
     def step_fn(params, state, opt_state, patch, cls, targets, step):
@@ -286,8 +262,8 @@ def train_head(head, loss_fn, cache, *, steps, batch_size, lr, weight_decay, war
             else rng.integers(count, size=batch_size)
         position += batch_size
         params, state, opt_state, loss = step_fn(
-            params, state, opt_state, shard_batch(cache.patch[rows], mesh),
-            shard_batch(cache.cls[rows], mesh), shard_batch(cache.targets[rows], mesh),
+            params, state, opt_state, shard_batch(data.patch[rows], mesh),
+            shard_batch(data.cls[rows], mesh), shard_batch(data.targets[rows], mesh),
             jnp.asarray(step, jnp.int32))
         if step % 50 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{float(loss):.4f}")
@@ -350,55 +326,24 @@ def image_windows(cache, index):
 
 
 # ------------------------------------------------------------------------------------------
-# Command-line pieces of the dense and attentive probes.
+# Command-line pieces of the dense and attentive probes (on top of `cli_flags`).
 
 
-def define_model_flags(flag_values, *, size, batch_size):
-    """--weights, --arch, --network, --dtype, --size, --batch_size, --output."""
-    flags.DEFINE_string("weights", None, "dinov2_jax weights dir, training workdir, or torch "
-                        ".pth/.safetensors file", required=True, flag_values=flag_values)
-    flags.DEFINE_string("arch", None, "hub name (vits14, vitl14_reg, ...) or size (vit_large); "
-                        "torch files only", flag_values=flag_values)
-    flags.DEFINE_enum("network", "teacher", ("teacher", "student"),
-                      "network of a training workdir", flag_values=flag_values)
-    flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"), "compute dtype of the "
-                      "backbone", flag_values=flag_values)
-    flags.DEFINE_integer("size", size, "input side in pixels (a multiple of the patch size)",
-                         flag_values=flag_values)
-    flags.DEFINE_integer("batch_size", batch_size, "images (windows) per backbone forward",
-                         flag_values=flag_values)
+def define_flags(flag_values, *, size, batch_size):
+    """The model flags (`cli_flags.define_model_flags`) and --output."""
+    cli_flags.define_model_flags(flag_values, size=size, batch_size=batch_size)
     flags.DEFINE_string("output", None, "results JSON file", flag_values=flag_values)
 
 
 def load_model(flag_values):
-    """(model, params) named by --weights/--arch/--network, in --dtype."""
-    if not epath.Path(flag_values.weights).exists():
-        raise ConfigError(f"--weights {flag_values.weights} does not exist")
-    try:
-        model, params = convert.load_weights(flag_values.weights, flag_values.arch,
-                                             flag_values.network)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-    if flag_values.size % model.patch_size:
-        raise ConfigError(f"--size {flag_values.size} is not a multiple of the patch size "
-                          f"{model.patch_size}")
-    if flag_values.dtype != "float32":
+    """(model, params) named by the model flags, computing in --dtype."""
+    model, params = cli_flags.load_model(flag_values)
+    if jnp.dtype(flag_values.dtype) != jnp.dtype(model.dtype):
         model = model.clone(dtype=jnp.dtype(flag_values.dtype))
     return model, params
 
 
-def write_results(results, flag_values, prefix, **context):
-    """Prints `results` ({"prefix/name": value}) and writes {name: value, ...} with the run's
-    context to --output (JSON)."""
-    width = max(len(name) for name in results)
-    for name, value in results.items():
-        print(f"{name:<{width}}  {value:.4f}")
-    if flag_values.output:
-        record = {"weights": flag_values.weights, "arch": flag_values.arch,
-                  "size": flag_values.size, "dtype": flag_values.dtype, **context}
-        for name, value in results.items():
-            record[name.removeprefix(prefix + "/")] = value
-        path = epath.Path(flag_values.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1))
-        print(f"wrote {path}", file=sys.stderr)
+def report(results, flag_values, prefix, **context):
+    """`cli_flags.report` of `results` with their "prefix/" dropped: {"mIoU": ...}."""
+    cli_flags.report({name.removeprefix(prefix + "/"): value for name, value in results.items()},
+                     flag_values, **context)

@@ -213,7 +213,7 @@ def evaluate(model, params, train_source, val_source, *, image_size, batch_size=
 
 
 def _define(flag_values):
-    dense.define_model_flags(flag_values, size=518, batch_size=32)
+    dense.define_flags(flag_values, size=518, batch_size=32)
     flags.DEFINE_string("train", None, "training pairs: nyu:ROOT[:SPLIT_FILE], "
                         "depthfolder:ROOT", required=True, flag_values=flag_values)
     flags.DEFINE_string("val", None, "validation pairs", required=True, flag_values=flag_values)
@@ -238,7 +238,6 @@ def _define(flag_values):
                       "training view, or all of them", flag_values=flag_values)
     flags.DEFINE_enum("cache_dtype", "float32", ("float32", "bfloat16"), "dtype of the cached "
                       "features on the host", flag_values=flag_values)
-    flags.DEFINE_integer("num_workers", 4, "threads decoding pairs", flag_values=flag_values)
     flags.DEFINE_integer("seed", 0, "seed of the head init and window order",
                          flag_values=flag_values)
 
@@ -252,8 +251,9 @@ def main(argv=None):
         steps=args.steps, head_batch_size=args.head_batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         train_flip=args.train_flip, random_window=args.train_windows == "random",
-        cache_dtype=jnp.dtype(args.cache_dtype), num_workers=args.num_workers, seed=args.seed)
-    dense.write_results(results, args, "depth", train=args.train, val=args.val,
+        cache_dtype=jnp.dtype(args.cache_dtype), num_workers=max(1, args.num_workers),
+        seed=args.seed)
+    dense.report(results, args, "depth", train=args.train, val=args.val,
                         layers=int(args.layers), regression=args.regression, steps=args.steps)
 
 

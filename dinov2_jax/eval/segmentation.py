@@ -192,7 +192,7 @@ def _floats(text, name):
 
 
 def _define(flag_values):
-    dense.define_model_flags(flag_values, size=518, batch_size=32)
+    dense.define_flags(flag_values, size=518, batch_size=32)
     flags.DEFINE_string("train", None, "training pairs: ade20k:ROOT:training, "
                         "segfolder:ROOT:num_classes=N", required=True, flag_values=flag_values)
     flags.DEFINE_string("val", None, "validation pairs: ade20k:ROOT:validation, ...",
@@ -222,7 +222,6 @@ def _define(flag_values):
     flags.DEFINE_enum("cache_dtype", "float32", ("float32", "bfloat16"), "dtype of the cached "
                       "features on the host (bfloat16 halves their memory)",
                       flag_values=flag_values)
-    flags.DEFINE_integer("num_workers", 4, "threads decoding pairs", flag_values=flag_values)
     flags.DEFINE_integer("seed", 0, "seed of the head init and window order",
                          flag_values=flag_values)
 
@@ -237,8 +236,9 @@ def main(argv=None):
         head_batch_size=args.head_batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, train_scales=_floats(args.train_scales, "train_scales"),
         train_flip=args.train_flip, random_window=args.train_windows == "random",
-        cache_dtype=jnp.dtype(args.cache_dtype), num_workers=args.num_workers, seed=args.seed)
-    dense.write_results(results, args, "segmentation", train=args.train, val=args.val,
+        cache_dtype=jnp.dtype(args.cache_dtype), num_workers=max(1, args.num_workers),
+        seed=args.seed)
+    dense.report(results, args, "segmentation", train=args.train, val=args.val,
                         layers=int(args.layers), multiscale=args.multiscale, steps=args.steps)
 
 
