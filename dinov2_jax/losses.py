@@ -1,13 +1,17 @@
-"""DINOv2 objectives as pure functions: teacher normalisation and the three losses.
+"""DINOv2 and DINOv3 objectives as pure functions: teacher normalisation and the losses.
 
 Teacher normalisation: softmax centering (`softmax_center` + `update_center`, the center is
 carried in the train state) or Sinkhorn-Knopp (`sinkhorn_knopp`). Losses: `dino_loss` (cls
 tokens, multi-crop pairing), `ibot_loss` (masked patch tokens of a static-size buffer) and
-`koleo_loss`. All math runs in float32 whatever the input dtype. Functions that need sums over
-the whole data-parallel batch take `axis_name` and are meant for `jax.shard_map`.
+`koleo_loss`; DINOv3's Gram anchoring (`gram_loss`, `resize_patch_tokens`), DINO loss over
+crop pairs (`dino_pairs_loss`) and distributed KoLeo (`koleo_loss_distributed`). All math runs
+in float32 whatever the input dtype. Functions that need sums over the whole data-parallel
+batch take `axis_name` and are meant for `jax.shard_map`.
 """
 import jax
 import jax.numpy as jnp
+
+from dinov2_jax.models import pos_embed
 
 STUDENT_TEMP = 0.1
 CENTER_MOMENTUM = 0.9
@@ -233,6 +237,22 @@ def gram_loss(student_patches, teacher_patches, *, img_level=True, groups=1, nor
     if remove_neg:
         student_sim = jnp.maximum(student_sim, 0.0)
     return jnp.mean(jnp.square(student_sim - teacher_sim))
+
+
+def resize_patch_tokens(patches, grid, out_grid, *, antialias=False):
+    """The Gram teacher's patch tokens (B, h*w, D) on a (h, w) grid -> (B, H*W, D) on out_grid.
+
+    The reference (`get_gram_teacher_output` of `dinov3/train/ssl_meta_arch.py`) resizes the
+    teacher's patch map of its larger crops to the student's grid with torch's bicubic
+    interpolate, align_corners=False and, by default (`gram.global_teacher_resize_antialias`),
+    no antialias; `jax.image.resize` would antialias and use other cubic weights.
+    """
+    batch, tokens, dim = patches.shape
+    if tokens != grid[0] * grid[1]:
+        raise ValueError(f"resize_patch_tokens: {tokens} tokens are not a {grid[0]}x{grid[1]} grid")
+    x = patches.reshape(batch, grid[0], grid[1], dim)
+    x = pos_embed.resize_grid(x, out_grid[0], out_grid[1], antialias=antialias)
+    return x.reshape(batch, out_grid[0] * out_grid[1], dim)
 
 
 def koleo_loss_distributed(x, *, axis_name=None, group_size=None, topk=1, eps=1e-8):

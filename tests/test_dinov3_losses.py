@@ -290,3 +290,24 @@ def test_distributed_koleo_on_one_device_is_koleo():
     _assert_close(losses.koleo_loss_distributed(x), losses.koleo_loss(x))
     with pytest.raises(ValueError, match="multiple of the local batch"):
         losses.koleo_loss_distributed(x, group_size=5)
+
+
+# ------------------------------------------------------------------ Gram teacher resize
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_gram_teacher_patches_resize_like_torch_bicubic(antialias):
+    """2x Gram-teacher crops: its 8x6 patch map down to the student's 4x3 grid (and a
+    non-integer ratio), as the reference's F.interpolate(bicubic, align_corners=False)."""
+    torch = pytest.importorskip("torch")
+    for grid, out_grid in (((8, 6), (4, 3)), ((7, 5), (4, 3))):
+        patches = np.float32(np.random.randn(2, grid[0] * grid[1], 16))
+        ours = losses.resize_patch_tokens(patches, grid, out_grid, antialias=antialias)
+        hw = torch.from_numpy(patches).transpose(-2, -1).unflatten(-1, grid)
+        ref = torch.nn.functional.interpolate(hw, size=out_grid, mode="bicubic",
+                                              align_corners=False, antialias=antialias)
+        ref = ref.flatten(-2, -1).transpose(-2, -1).numpy()
+        # fp32 on both sides, 16 taps per output: ~1e-7 relative
+        _assert_close(ours, ref)
+    with pytest.raises(ValueError, match="not a 3x3 grid"):
+        losses.resize_patch_tokens(patches, (3, 3), (2, 2))

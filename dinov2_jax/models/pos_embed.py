@@ -84,3 +84,14 @@ def interpolate_pos_embed(pos_embed, grid_h, grid_w, *, offset, antialias, squar
     table = jnp.einsum("ym,xn,mnd->yxd", rows, cols, table, precision=jax.lax.Precision.HIGHEST)
     table = table.reshape(1, grid_h * grid_w, -1).astype(pos_embed.dtype)
     return jnp.concatenate([cls_pos, table], axis=1)
+
+
+def resize_grid(x, out_h, out_w, *, antialias=False):
+    """(..., h, w, D) -> (..., out_h, out_w, D) as torch's bicubic `F.interpolate(size=...)`
+    with align_corners=False (the matrices above at scale in/out), in float32."""
+    in_h, in_w = x.shape[-3:-1]
+    weights = _antialias_cubic_matrix if antialias else _keys_cubic_matrix
+    rows = jnp.asarray(weights(out_h, in_h, in_h / out_h), jnp.float32)
+    cols = jnp.asarray(weights(out_w, in_w, in_w / out_w), jnp.float32)
+    return jnp.einsum("ym,xn,...mnd->...yxd", rows, cols, x.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
