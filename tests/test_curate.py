@@ -1,11 +1,13 @@
 """dinov2_jax.curate: exact k-NN, dedup, hierarchical k-means, balanced sampling, retrieval,
 bad input, bounded memory and 8 fake devices against 1, on fresh random data."""
+import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 
 import faiss
+import jax
 import numpy as np
 import pytest
 
@@ -228,8 +230,8 @@ def test_retrieve_and_its_cluster_variant(tmp_path):
 def test_kmeans_writes_levels_and_resumes_from_the_last_complete_one(tmp_path):
     points, _ = _blobs(_rng(), [300] * 8, 8, 0.3)
     rows = emb.Embeddings.from_array(points, "points")
-    run = lambda **kw: kmeans.hierarchical_kmeans(rows, [40, 8, 2], 5, tmp_path, progress=False,
-                                                  log=logged.append, **kw)
+    run = lambda: kmeans.hierarchical_kmeans(rows, [40, 8, 2], 5, tmp_path, init="random",
+                                             progress=False, log=logged.append)
     logged = []
     first = run()
     assert [level["k"] for level in first] == [40, 8, 2]
@@ -245,7 +247,7 @@ def test_kmeans_writes_levels_and_resumes_from_the_last_complete_one(tmp_path):
     assert logged[0] == f"level 1: complete in {tmp_path}, skipped"
     np.testing.assert_array_equal(np.load(tmp_path / "level2_centroids.npy"), level2)
     with pytest.raises(ConfigError, match="other settings.*iterations"):
-        kmeans.hierarchical_kmeans(rows, [40, 8, 2], 6, tmp_path, progress=False)
+        kmeans.hierarchical_kmeans(rows, [40, 8, 2], 6, tmp_path, init="random", progress=False)
 
 
 @pytest.mark.parametrize("levels, message", [
@@ -300,7 +302,7 @@ def test_a_folder_reads_as_one_matrix_and_subsets_read_through_it(tmp_path):
 
 
 def _python(script, timeout=240, devices=None):
-    env = dict(ENV)
+    env = {**ENV, "PYTHONPATH": os.path.join(ROOT, "tests")}
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT, env=env,
@@ -309,32 +311,28 @@ def _python(script, timeout=240, devices=None):
     return result.stdout
 
 
-_SHARDED_RUN = """
-    import sys
-    import numpy as np
-    import jax
-    from dinov2_jax.curate import embeddings as emb, kmeans, search
-    data = np.load(sys.argv[1])
+def _sharded_run(data, mesh=None):
+    """k-NN and one k-means level with resampling, in small chunks, on `mesh`."""
     rows = emb.Embeddings.from_array(data, "data")
-    scores, ids = search.knn(data[:100], rows, 7, memory_budget_mb=1, progress=False)
-    centroids, labels, distances, objective = kmeans.kmeans_level(
-        rows, 24, 6, resampling=1, resampling_size=4, memory_budget_mb=1, progress=False)
-    np.savez(sys.argv[2], devices=jax.device_count(), scores=scores, ids=ids,
-             centroids=centroids, labels=labels, objective=objective)
-"""
+    scores, ids = search.knn(data[:100], rows, 7, memory_budget_mb=1, mesh=mesh, progress=False)
+    centroids, labels, _, objective = kmeans.kmeans_level(
+        rows, 24, 6, resampling=1, resampling_size=4, memory_budget_mb=1, mesh=mesh,
+        progress=False)
+    return {"scores": scores, "ids": ids, "centroids": centroids, "labels": labels,
+            "objective": objective}
 
 
 def test_8_fake_devices_equal_1_device(tmp_path):
     points, _ = _blobs(_rng(), [250] * 12, 16, 0.4)
     np.save(tmp_path / "data.npy", points)
-    results = {}
-    for devices in (1, 8):
-        out = tmp_path / f"{devices}.npz"
-        _python(f"import sys; sys.argv = ['', {str(tmp_path / 'data.npy')!r}, {str(out)!r}]\n"
-                + textwrap.dedent(_SHARDED_RUN), devices=devices)
-        results[devices] = np.load(out)
-        assert results[devices]["devices"] == devices
-    one, eight = results[1], results[8]
+    _python(f"""
+        import jax, numpy as np, test_curate
+        assert jax.device_count() == 8
+        np.savez({str(tmp_path / 'eight.npz')!r},
+                 **test_curate._sharded_run(np.load({str(tmp_path / 'data.npy')!r})))
+    """, devices=8)
+    eight = np.load(tmp_path / "eight.npz")
+    one = _sharded_run(points, search.row_mesh(jax.devices()[:1]))
     np.testing.assert_array_equal(one["ids"], eight["ids"])
     np.testing.assert_allclose(one["scores"], eight["scores"], atol=SCORE_TOLERANCE)
     # Same assignments; centroids differ only by float32 summation order over devices.
@@ -347,7 +345,7 @@ _BOUNDED_RUN = """
     import resource, sys
     import numpy as np
     from dinov2_jax.curate import embeddings as emb, kmeans, search
-    budget, dim = 16, 64
+    budget, dim = 8, 64
     def write(path, rows):  # Header, then rows written in pieces: never whole in memory.
         rng = np.random.default_rng(0)
         with open(path, "wb") as f:
@@ -375,17 +373,20 @@ _BOUNDED_RUN = """
 def test_a_database_4x_the_memory_budget_streams_in_chunks(tmp_path):
     growth, size = map(int, _python(_BOUNDED_RUN.replace("sys.argv[1]", repr(str(tmp_path))))
                        .split())
-    assert size == 4 * 16 * 2**20
-    # Holding the database whole would grow the peak by its size (64 MB); chunks keep the
-    # growth within the 16 MB budget.
-    assert growth < 16 * 2**20, growth
+    assert size == 4 * 8 * 2**20
+    # Holding the database whole would grow the peak by its size (32 MB); chunks keep the
+    # growth within the 8 MB budget.
+    assert growth < 8 * 2**20, growth
 
 
-def test_benchmark_smoke_prints_both_libraries():
-    result = subprocess.run([sys.executable, "benchmarks/curation.py", "--smoke"], cwd=ROOT,
-                            env=ENV, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+def test_benchmark_smoke_prints_both_libraries(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))  # As when run as a script.
+    spec = importlib.util.spec_from_file_location("curation_benchmark",
+                                                  os.path.join(ROOT, "benchmarks", "curation.py"))
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    benchmark.main(["curation.py", "--smoke"])
+    lines = capsys.readouterr().out.splitlines()
     header = lines[1].split()
     assert header[:4] == ["task", "unit", "dinov2_jax", "faiss-cpu"]
     knn_line, kmeans_line = lines[2], lines[3]

@@ -99,7 +99,7 @@ def test_embed_resumes_from_the_last_complete_shard_after_kill_9(tiny_weights, t
 def test_kmeans_resumes_from_the_last_complete_level_after_kill_9(tmp_path, capsys):
     rng = np.random.default_rng()
     centres = rng.normal(size=(100, 32))
-    points = centres[rng.integers(0, 100, 20000)] + 0.3 * rng.normal(size=(20000, 32))
+    points = centres[rng.integers(0, 100, 8000)] + 0.3 * rng.normal(size=(8000, 32))
     np.save(tmp_path / "points.npy", points.astype(np.float32))
     argv = [f"--embeddings={tmp_path / 'points.npy'}", "--levels=200,40,8", "--iterations=10",
             "--resampling=1", "--resampling_size=5", "--noprogress"]

@@ -24,6 +24,7 @@ Output, written as each level completes (a rerun skips complete levels: resume a
 """
 import functools
 import json
+import math
 import time
 
 import jax
@@ -48,6 +49,24 @@ SETTINGS = "kmeans.json"
 ROWS = "rows.npy"
 
 
+def argmin_block(num_clusters: int) -> int:
+    """Columns per block of `argmin_rows`: about sqrt(k)."""
+    return max(1, math.isqrt(num_clusters))
+
+
+def argmin_rows(values, block: int):
+    """(argmin, min) of each row, the first index on ties, as jnp.argmin, for a column count
+    that is a multiple of `block`. In two stages: the minima of blocks of columns, then the
+    argmin inside the winning block; XLA's CPU argmin over long rows (a variadic reduce) is
+    several times slower than this."""
+    rows, columns = values.shape
+    blocks = values.reshape(rows, columns // block, block)
+    block_min = jnp.min(blocks, axis=2)
+    winner = jnp.argmin(block_min, axis=1)
+    inside = jnp.take_along_axis(blocks, winner[:, None, None], axis=1)[:, 0]
+    return winner * block + jnp.argmin(inside, axis=1), jnp.min(block_min, axis=1)
+
+
 @functools.lru_cache(maxsize=32)
 def _assign_step(mesh, num_clusters: int):
     """jit(chunk, centroids, valid_rows) -> per-cluster sums and counts, objective, labels and
@@ -57,10 +76,14 @@ def _assign_step(mesh, num_clusters: int):
         shard_rows = rows.shape[0]
         row = jax.lax.axis_index(search.AXIS) * shard_rows + jnp.arange(shard_rows)
         weight = (row < valid_rows).astype(jnp.float32)
-        dots = jnp.matmul(rows, centroids.T, precision=jax.lax.Precision.HIGHEST)
-        partial = jnp.sum(centroids * centroids, axis=1)[None] - 2 * dots  # |c|^2 - 2 x.c
-        labels = jnp.argmin(partial, axis=1)
-        nearest = jnp.take_along_axis(partial, labels[:, None], axis=1)[:, 0]
+        # Centroids padded to whole argmin blocks; the padding's |c|^2 = inf never wins.
+        block = argmin_block(num_clusters)
+        extra = -num_clusters % block
+        squared = jnp.pad(jnp.sum(centroids * centroids, axis=1), (0, extra),
+                          constant_values=jnp.inf)
+        padded = jnp.pad(centroids, ((0, extra), (0, 0)))
+        dots = jnp.matmul(rows, padded.T, precision=jax.lax.Precision.HIGHEST)
+        labels, nearest = argmin_rows(squared[None] - 2 * dots, block)  # |c|^2 - 2 x.c
         sq_distances = jnp.maximum(jnp.sum(rows * rows, axis=1) + nearest, 0.0)
         sums = jax.ops.segment_sum(rows * weight[:, None], labels, num_clusters)
         counts = jax.ops.segment_sum(weight, labels, num_clusters)
