@@ -2,8 +2,9 @@
 
 `define_model_flags` declares the backbone flags (--weights, --arch, --network, --dtype,
 --size, --batch_size, --num_workers) on a CLI's fresh FlagValues, `define_eval_flags` adds
---resize_size and --output (a results JSON file), `load_model` reads the backbone the flags
-name, and `report` prints results and writes them with the run's context.
+--resize_size and --output (a results JSON file), `define_source_flags` the data sources;
+`load_model` reads the backbone the flags name, `number_list` parses a comma-separated flag,
+and `report` prints results and writes them with the run's context.
 """
 import json
 import sys
@@ -42,6 +43,12 @@ def define_eval_flags(flag_values):
     flags.DEFINE_string("output", None, "results JSON file", flag_values=flag_values)
 
 
+def define_source_flags(flag_values, **helps):
+    """One required data-source flag per keyword, e.g. train="labelled source of ..."."""
+    for name, help_text in helps.items():
+        flags.DEFINE_string(name, None, help_text, required=True, flag_values=flag_values)
+
+
 def load_model(flag_values):
     """(model, params) named by --weights/--arch/--network; --size checked against the patch."""
     model, params = weights.load(flag_values.weights, flag_values.arch, flag_values.network)
@@ -51,22 +58,15 @@ def load_model(flag_values):
     return model, params
 
 
-def int_list(flag_values, name):
-    """The comma-separated integers of flag `name`; ConfigError naming the flag otherwise."""
+def number_list(flag_values, name, kind=int):
+    """The comma-separated numbers (`kind`: int or float) of flag `name`; a ConfigError naming
+    the flag when they do not parse."""
     text = flag_values[name].value
     try:
-        return tuple(int(v) for v in text.split(","))
+        return tuple(kind(v) for v in text.split(","))
     except ValueError:
-        raise ConfigError(f"--{name} must be comma-separated integers, got {text!r}") from None
-
-
-def float_list(flag_values, name):
-    """The comma-separated numbers of flag `name`; ConfigError naming the flag otherwise."""
-    text = flag_values[name].value
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--{name} must be comma-separated numbers, got {text!r}") from None
+        raise ConfigError(f"--{name} must be comma-separated {kind.__name__} values, got "
+                          f"{text!r}") from None
 
 
 def report(results, flag_values, **context):

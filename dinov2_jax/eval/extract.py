@@ -70,7 +70,7 @@ def backbone_features(model, params, images, *, features=("cls",), n_last_blocks
     return {name: available[name].astype(jnp.float32) for name in features}
 
 
-def _batch_mesh(params):
+def batch_mesh(params):
     """The params' mesh when they are sharded on one, else a 1-D mesh of all devices."""
     for leaf in jax.tree.leaves(params):
         sharding = getattr(leaf, "sharding", None)
@@ -79,7 +79,8 @@ def _batch_mesh(params):
     return Mesh(np.asarray(jax.devices()), ("batch",))
 
 
-def _place_params(params, mesh):
+def replicate(tree, mesh):
+    """`tree` on `mesh`, replicated, except leaves already sharded on it."""
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def place(leaf):
@@ -88,7 +89,7 @@ def _place_params(params, mesh):
             return leaf
         return jax.device_put(leaf, replicated)
 
-    return jax.tree.map(place, params)
+    return jax.tree.map(place, tree)
 
 
 @functools.lru_cache(maxsize=16)
@@ -140,8 +141,8 @@ def extract(model, params, batches, *, features=("cls",), n_last_blocks=4, dtype
     by index.
     """
     model = _with_dtype(model, dtype)
-    mesh = _batch_mesh(params)
-    params = _place_params(params, mesh)
+    mesh = batch_mesh(params)
+    params = replicate(params, mesh)
     batch_sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
     forward = _jitted_forward(model, tuple(features), n_last_blocks, mesh)
     iterator = iter(batches)

@@ -201,10 +201,8 @@ def knn_eval(model, params, train_source, val_source, *, image_size, resize_size
 
 def _define(flag_values):
     cli_flags.define_eval_flags(flag_values)
-    flags.DEFINE_string("train", None, "labelled source of the neighbours", required=True,
-                        flag_values=flag_values)
-    flags.DEFINE_string("val", None, "labelled source of the queries", required=True,
-                        flag_values=flag_values)
+    cli_flags.define_source_flags(flag_values, train="labelled source of the neighbours",
+                                  val="labelled source of the queries")
     flags.DEFINE_string("ks", ",".join(map(str, KS)), "comma-separated k values",
                         flag_values=flag_values)
     flags.DEFINE_float("temperature", TEMPERATURE, "softmax temperature of the neighbour "
@@ -216,7 +214,7 @@ def main(argv=None):
     model, params = cli_flags.load_model(args)
     results = knn_eval(model, params, args.train, args.val, image_size=args.size,
                        resize_size=args.resize_size or extract.default_resize_size(args.size),
-                       batch_size=args.batch_size, ks=cli_flags.int_list(args, "ks"),
+                       batch_size=args.batch_size, ks=cli_flags.number_list(args, "ks"),
                        temperature=args.temperature, dtype=args.dtype,
                        num_workers=args.num_workers)
     cli_flags.report(results, args, train=args.train, val=args.val,

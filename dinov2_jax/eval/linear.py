@@ -228,10 +228,8 @@ def linear_eval(model, params, train_source, val_source, *, image_size, resize_s
 
 def _define(flag_values):
     cli_flags.define_eval_flags(flag_values)
-    flags.DEFINE_string("train", None, "labelled source to train the heads on", required=True,
-                        flag_values=flag_values)
-    flags.DEFINE_string("val", None, "labelled source to pick and score heads", required=True,
-                        flag_values=flag_values)
+    cli_flags.define_source_flags(flag_values, train="labelled source to train the heads on",
+                                  val="labelled source to pick and score heads")
     flags.DEFINE_integer("epochs", EPOCHS, "epochs of head training", lower_bound=1,
                          flag_values=flag_values)
     flags.DEFINE_integer("epoch_length", EPOCH_LENGTH, "iterations per epoch", lower_bound=1,
@@ -254,8 +252,8 @@ def main(argv=None):
         model, params, args.train, args.val, image_size=args.size,
         resize_size=args.resize_size or extract.default_resize_size(args.size),
         batch_size=args.batch_size, train_batch_size=args.train_batch_size, epochs=args.epochs,
-        epoch_length=args.epoch_length, lrs=cli_flags.float_list(args, "lrs"),
-        n_last_blocks_list=cli_flags.int_list(args, "n_last_blocks"), dtype=args.dtype,
+        epoch_length=args.epoch_length, lrs=cli_flags.number_list(args, "lrs", float),
+        n_last_blocks_list=cli_flags.number_list(args, "n_last_blocks"), dtype=args.dtype,
         num_workers=args.num_workers, seed=args.seed)
     cli_flags.report(results, args, train=args.train, val=args.val, epochs=args.epochs,
                      epoch_length=args.epoch_length, train_batch_size=args.train_batch_size)

@@ -119,8 +119,7 @@ def retrieval_eval(model, params, database_source, query_source=None, *, image_s
 
 def _define(flag_values):
     cli_flags.define_eval_flags(flag_values)
-    flags.DEFINE_string("database", None, "labelled source to search in", required=True,
-                        flag_values=flag_values)
+    cli_flags.define_source_flags(flag_values, database="labelled source to search in")
     flags.DEFINE_string("queries", None, "labelled query source (default: the database, "
                         "leave-one-out)", flag_values=flag_values)
     flags.DEFINE_string("ks", ",".join(map(str, KS)), "comma-separated k values",
@@ -133,7 +132,7 @@ def main(argv=None):
     results = retrieval_eval(
         model, params, args.database, args.queries, image_size=args.size,
         resize_size=args.resize_size or extract.default_resize_size(args.size),
-        batch_size=args.batch_size, ks=cli_flags.int_list(args, "ks"),
+        batch_size=args.batch_size, ks=cli_flags.number_list(args, "ks"),
         dtype=args.dtype, num_workers=args.num_workers)
     cli_flags.report(results, args, database=args.database, queries=args.queries)
 
