@@ -197,7 +197,7 @@ def _run_materialize(f):
     rows = emb.load_indices(f.indices, len(embeddings) if embeddings else sys.maxsize)
     metadata = materialize.materialize(f.source, materialize.source_positions(rows, embeddings),
                                        f.output, records_per_shard=f.records_per_shard,
-                                       progress=f.progress)
+                                       selection_name=f.indices, progress=f.progress)
     print(f"wrote {metadata['num_records']} records in {len(metadata['shards'])} shards "
           f"({len(metadata['skipped'])} unreadable skipped); train with "
           f"--config.train.dataset='arrayrecord:{epath.Path(f.output) / '*.array_record'}'")

@@ -18,18 +18,21 @@ from dinov2_jax.curate import search
 DEFAULT_K = 64
 
 
-def duplicate_components(scores: np.ndarray, neighbours: np.ndarray,
-                         threshold: float) -> np.ndarray:
-    """Component label of every row of a k-NN graph whose edges are scores >= threshold."""
-    num_rows = len(neighbours)
-    source = np.repeat(np.arange(num_rows), neighbours.shape[1])
+def duplicate_edges(first_row: int, scores: np.ndarray,
+                    neighbours: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(source, target) rows of the k-NN edges with score >= threshold, self-loops left out,
+    of a block of query rows starting at `first_row`."""
+    source = np.repeat(np.arange(first_row, first_row + len(neighbours)), neighbours.shape[1])
     target, score = neighbours.ravel(), scores.ravel()
     edge = (score >= threshold) & (target >= 0) & (target != source)
-    graph = scipy.sparse.coo_matrix(
-        (np.ones(int(edge.sum()), np.int8), (source[edge], target[edge])),
-        shape=(num_rows, num_rows))
-    _, labels = scipy.sparse.csgraph.connected_components(graph, directed=False)
-    return labels
+    return source[edge], target[edge]
+
+
+def components(num_rows: int, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Component label of every row of the undirected graph of these edges."""
+    graph = scipy.sparse.coo_matrix((np.ones(len(source), np.int8), (source, target)),
+                                    shape=(num_rows, num_rows))
+    return scipy.sparse.csgraph.connected_components(graph, directed=False)[1]
 
 
 def first_per_component(labels: np.ndarray, alive: np.ndarray) -> np.ndarray:
@@ -51,9 +54,11 @@ def dedup(pool: emb.Embeddings, threshold: float, against=(), *, against_thresho
         raise ConfigError(f"--k must be >= 1, got {k}")
     kwargs = dict(metric="cosine", memory_budget_mb=memory_budget_mb, mesh=mesh,
                   progress=progress)
-    scores, neighbours = search.knn(pool, pool, min(k + 1, len(pool)),  # +1: the row itself.
-                                    desc="pool k-NN", **kwargs)
-    labels = duplicate_components(scores, neighbours, threshold)
+    edges = [duplicate_edges(start, scores, neighbours, threshold)  # Only edges stay in memory.
+             for start, scores, neighbours in search.knn_blocks(
+                 pool, pool, min(k + 1, len(pool)), desc="pool k-NN", **kwargs)]  # +1: itself
+    labels = components(len(pool), np.concatenate([s for s, _ in edges]),
+                        np.concatenate([t for _, t in edges]))
     alive = np.ones(len(pool), bool)
     stats = {"pool": len(pool), "groups": int(labels.max()) + 1}
     for other in against:

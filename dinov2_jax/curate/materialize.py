@@ -44,8 +44,9 @@ def source_positions(rows: np.ndarray, embeddings: emb.Embeddings | None) -> np.
 
 def materialize(source_spec: str, positions: np.ndarray, output, *,
                 records_per_shard: int = prepare.RECORDS_PER_SHARD,
-                progress: bool = True) -> dict:
-    """Writes source records `positions` (in that order) to `output`; returns the metadata."""
+                selection_name: str = "selection", progress: bool = True) -> dict:
+    """Writes source records `positions` (in that order) to `output`; returns the metadata.
+    `selection_name` names the selection in error messages."""
     try:
         source = sources.open_source(source_spec)
     except ValueError as e:
@@ -54,8 +55,8 @@ def materialize(source_spec: str, positions: np.ndarray, output, *,
     bad = (positions < 0) | (positions >= len(source))
     if bad.any():
         row = int(np.argmax(bad))
-        raise ConfigError(f"selection row {row} is source position {positions[row]}, outside "
-                          f"the {len(source)} images of {source_spec}")
+        raise ConfigError(f"{selection_name}: row {row} is source position {positions[row]}, "
+                          f"outside the {len(source)} images of {source_spec}")
     if not len(positions):
         raise ConfigError("the selection is empty")
     if records_per_shard < 1:

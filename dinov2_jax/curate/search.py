@@ -98,15 +98,24 @@ def plan(num_queries: int, num_rows: int, dim: int, k: int, memory_budget_mb: fl
     return block, min(rows, math.ceil(num_rows / devices) * devices)
 
 
-def knn(queries, database: emb.Embeddings, k: int, *, metric: str = "cosine",
-        memory_budget_mb: float = emb.DEFAULT_MEMORY_BUDGET_MB, mesh=None,
-        progress: bool = True, desc: str = "k-NN") -> tuple[np.ndarray, np.ndarray]:
+def knn(queries, database: emb.Embeddings, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     """The `k` nearest database rows of every query: (scores (Q, k) float32, rows (Q, k) int64).
 
     `queries` is an Embeddings or an (Q, D) array. Scores are cosine similarities (largest
     first) or squared L2 distances (smallest first). When the database has fewer than `k`
-    rows, the missing neighbours have row -1 and score -inf (cosine) or inf (l2).
+    rows, the missing neighbours have row -1 and score -inf (cosine) or inf (l2). Keyword
+    arguments are those of `knn_blocks`.
     """
+    blocks = list(knn_blocks(queries, database, k, **kwargs))
+    return (np.concatenate([scores for _, scores, _ in blocks]),
+            np.concatenate([rows for _, _, rows in blocks]))
+
+
+def knn_blocks(queries, database: emb.Embeddings, k: int, *, metric: str = "cosine",
+               memory_budget_mb: float = emb.DEFAULT_MEMORY_BUDGET_MB, mesh=None,
+               progress: bool = True, desc: str = "k-NN"):
+    """`knn` one query block at a time: yields (first query, scores, rows), so that a caller
+    can keep what it needs of each block (dedup keeps the edges above its threshold)."""
     if metric not in METRICS:
         raise ConfigError(f"metric {metric!r} is not one of {METRICS}")
     if isinstance(queries, np.ndarray):
@@ -121,8 +130,6 @@ def knn(queries, database: emb.Embeddings, k: int, *, metric: str = "cosine",
     block, chunk = plan(len(queries), len(database), database.dim, k, memory_budget_mb, devices)
     local_k = min(k, chunk // devices)
     step = _search_step(mesh, k, local_k, metric)
-    out_scores = np.empty((len(queries), k), np.float32)
-    out_rows = np.empty((len(queries), k), np.int64)
     passes = math.ceil(len(queries) / block) * math.ceil(len(database) / chunk)
     bar = tqdm.tqdm(total=passes * chunk, unit="row", unit_scale=True, desc=desc,
                     disable=not progress)
@@ -141,7 +148,5 @@ def knn(queries, database: emb.Embeddings, k: int, *, metric: str = "cosine",
         ids = np.where(found, chunks.astype(np.int64) * chunk + rows_in_chunk, -1)
         if metric == "l2":
             scores = np.where(found, np.maximum(np.sum(q * q, axis=1)[:, None] - scores, 0), np.inf)
-        out_scores[q_start:q_start + len(q)] = scores
-        out_rows[q_start:q_start + len(q)] = ids
+        yield q_start, scores, ids
     bar.close()
-    return out_scores, out_rows
