@@ -12,7 +12,8 @@
                                         Hugging Face directory (model.safetensors, config.json).
 
 Paths are `etils.epath` paths, so gs:// works like a local path. The key layouts are
-`dinov2_jax.models.torch_layouts`. A wrong path, arch or layout raises ConfigError.
+`dinov2_jax.models.torch_layouts` (DINOv2) and `dinov2_jax.models.dinov3_layouts` (RoPE models,
+e.g. arch dinov3_vits16). A wrong path, arch or layout raises ConfigError.
 """
 import io
 import json
@@ -25,12 +26,17 @@ from safetensors import numpy as safetensors_numpy
 
 from dinov2_jax import configs
 from dinov2_jax.configs import ConfigError
-from dinov2_jax.models import torch_layouts, vit
+from dinov2_jax.models import dinov3_layouts, torch_layouts, vit
 
 # The constructor arguments a weights directory records in model.json.
 MODEL_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "mlp_ratio",
                 "ffn_layer", "layerscale", "num_register_tokens", "interpolate_offset",
-                "interpolate_antialias")
+                "interpolate_antialias",
+                # DINOv3 options (defaults: DINOv2); files written before them lack them
+                "pos_embed", "rope_base", "rope_min_period", "rope_max_period", "rope_normalize",
+                "rope_shift", "rope_jitter", "rope_rescale", "rope_periods_dtype", "qkv_bias",
+                "mask_k_bias", "layernorm_eps", "swiglu_unpacked", "ffn_align",
+                "untie_local_cls_norm")
 NETWORKS = ("teacher", "student")
 EXPORT_FORMATS = ("hub", "timm", "hf")
 
@@ -39,6 +45,11 @@ def _absolute(path):
     """An epath.Path that orbax accepts: local paths made absolute, URLs (gs://) as they are."""
     path = epath.Path(path)
     return path if path.is_absolute() else path.absolute()
+
+
+def layouts(model):
+    """The state-dict layout module of `model`: DINOv3's for RoPE models, else DINOv2's."""
+    return dinov3_layouts if model.pos_embed == "rope" else torch_layouts
 
 
 def model_kwargs(model):
@@ -151,23 +162,32 @@ def load(path, arch=None, network="teacher"):
     if arch not in vit.HUB_MODELS and arch not in vit.ARCHS:
         raise ConfigError(f"unknown arch {arch!r}; expected one of "
                           f"{sorted(vit.ARCHS) + sorted(vit.HUB_MODELS)}")
-    model = vit.build_backbone(arch)
-    state = torch_layouts.canonicalize(read_torch_file(path), model)
-    return model, torch_layouts.hub_to_params(model, state)
+    return from_state_dict(read_torch_file(path), vit.build_backbone(arch))
+
+
+def from_state_dict(state_dict, model):
+    """(model, params) from a torch state dict (numpy values) in any supported layout, read
+    strictly as `model`; a DINOv3 file's RoPE periods set `rope_periods_dtype`."""
+    layout = layouts(model)
+    state = layout.canonicalize(state_dict, model)
+    if layout is dinov3_layouts:
+        model = dinov3_layouts.model_for_periods(model, state)
+    return model, layout.hub_to_params(model, state)
 
 
 def export(model, params, output, fmt):
     """Writes `params` as `fmt` ('hub', 'timm' or 'hf') to `output`."""
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"export format must be one of {EXPORT_FORMATS}, got {fmt!r}")
-    state = torch_layouts.params_to_hub(model, params)
+    layout = layouts(model)
+    state = layout.params_to_hub(model, params)
     if fmt == "hub":
         write_torch_file(state, output)
     elif fmt == "timm":
-        write_torch_file(torch_layouts.hub_to_timm(state, model), output)
+        write_torch_file(layout.hub_to_timm(state, model), output)
     else:
         output = epath.Path(output)
         output.mkdir(parents=True, exist_ok=True)
         (output / "model.safetensors").write_bytes(safetensors_numpy.save(
-            torch_layouts.hub_to_hf(state, model), metadata={"format": "pt"}))
-        (output / "config.json").write_text(json.dumps(torch_layouts.hf_config(model), indent=1))
+            layout.hub_to_hf(state, model), metadata={"format": "pt"}))
+        (output / "config.json").write_text(json.dumps(layout.hf_config(model), indent=1))
