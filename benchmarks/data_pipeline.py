@@ -23,21 +23,20 @@ import multiprocessing
 import os
 import time
 
-import ml_collections
 from absl import flags
+
+from dinov2_jax import configs
+from dinov2_jax.data import pipeline
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def config_for(images_dir: str, batch_size: int, num_workers: int) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({
-        "train": {"dataset": f"folder:{images_dir}", "batch_size": batch_size, "seed": 0,
-                  "num_workers": num_workers},
-        "crops": {"global_crops_size": 224, "local_crops_size": 98, "local_crops_number": 8,
-                  "global_crops_scale": (0.32, 1.0), "local_crops_scale": (0.05, 0.32)},
-        "student": {"patch_size": 14},
-        "ibot": {"mask_sample_probability": 0.5, "mask_ratio_min_max": (0.1, 0.5)},
-    })
+def config_for(images_dir: str, batch_size: int, num_workers: int):
+    """The vitl14 recipe's crops (224 px global, eight 98 px local, patch 14) on `images_dir`."""
+    config = configs.large_scale_recipe("vit_large")
+    config.train.update(dataset=f"folder:{images_dir}", batch_size=batch_size, seed=0,
+                        num_workers=num_workers)
+    return config
 
 
 def _children_cpu_seconds() -> float:
@@ -89,7 +88,6 @@ class Timer:
 
 
 def train_iterator(images_dir: str, batch_size: int, num_workers: int):
-    from dinov2_jax.data import pipeline
     return pipeline.make_train_iterator(config_for(images_dir, batch_size, num_workers),
                                         process_index=0, process_count=1)
 

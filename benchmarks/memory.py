@@ -11,20 +11,17 @@ estimated with the formula of docs/scaling.md from the model's dimensions.
 """
 import argparse
 import dataclasses
-import functools
 import math
-import os
-import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dinov2_jax import configs, parallel  # noqa: E402
-from dinov2_jax.data import masking  # noqa: E402
-from dinov2_jax.models import vit  # noqa: E402
-from dinov2_jax.train import optim, schedules as schedules_lib, state as state_lib  # noqa: E402
+from dinov2_jax import configs, parallel
+from dinov2_jax.data import masking
+from dinov2_jax.models import vit
+from dinov2_jax.train import setup as setup_lib
 
 GB = 1e9
 
@@ -42,23 +39,16 @@ MACHINES = (Machine("256 x H100 (32 nodes x 8)", 256, 80 * GB, 8),
             Machine("v5p-256 (128 chips)", 128, 95 * GB, 4))
 
 
-def abstract_state(config):
-    """ShapeDtypeStructs of the train state; nothing is allocated."""
-    networks = state_lib.build_networks(config)
-    rng = jax.random.PRNGKey(0)
-    student = jax.eval_shape(functools.partial(state_lib.init_student, networks, config), rng)
-    optimizer = optim.make_optimizer(config, student, schedules_lib.make_schedules(config))
-    return networks, jax.eval_shape(
-        lambda key: state_lib.create_train_state(networks, config, optimizer, key), rng)
-
-
-def state_bytes(config, state, data, fsdp):
-    """Per-device bytes of student, teacher, opt_state and gradients on a data x fsdp mesh."""
+def abstract_setup(config, data=1, fsdp=1):
+    """The run's Setup on an abstract data x fsdp mesh: shapes and shardings, nothing allocated."""
     mesh = AbstractMesh((data, fsdp), parallel.BATCH_AXES, axis_types=(AxisType.Auto,) * 2)
-    shardings = parallel.state_shardings(state, mesh, config.mesh)
-    sharded = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
-                           state, shardings)
-    out = {name: parallel.bytes_per_device(sharded[name])
+    return setup_lib.build(config, mesh)
+
+
+def state_bytes(config, data, fsdp):
+    """Per-device bytes of student, teacher, opt_state and gradients on a data x fsdp mesh."""
+    state = abstract_setup(config, data, fsdp).abstract_state
+    out = {name: parallel.bytes_per_device(state[name])
            for name in ("student", "teacher", "opt_state")}
     out["gradients"] = out["student"]  # same shapes, dtypes and rules as the student params
     return out
@@ -94,10 +84,9 @@ def activation_bytes(config, networks, images):
     gradient of the student's rows, and the teacher's probabilities, K prototypes each.
     """
     model, crops = networks.backbone, config.crops
-    a = np.dtype(state_lib.DTYPES[config.student.dtype]).itemsize
+    a = jnp.dtype(config.student.dtype).itemsize
     d, depth, registers = model.embed_dim, model.depth, model.num_register_tokens
-    hidden = (vit.swiglu_hidden_dim(d, model.mlp_ratio) if model.ffn_layer == "swiglu"
-              else int(d * model.mlp_ratio))
+    hidden = vit.ffn_hidden_dim(d, model.mlp_ratio, model.ffn_layer)
     global_tokens = tokens(crops.global_crops_size, model.patch_size, registers)
     per_image = (2 * global_tokens
                  + crops.local_crops_number * tokens(crops.local_crops_size, model.patch_size,
@@ -122,7 +111,7 @@ def activation_bytes(config, networks, images):
 def estimate(config, networks, state, machine, data, fsdp):
     """Rows of (what, bytes per device) for one machine and mesh."""
     images = config.train.batch_size // machine.devices
-    rows = state_bytes(config, state, data, fsdp)
+    rows = state_bytes(config, data, fsdp)
     if fsdp > 1:
         rows["gathered weights (transient)"] = gathered_weight_bytes(state["student"])
     rows.update(activation_bytes(config, networks, images))
@@ -138,7 +127,7 @@ def meshes(machine):
 
 def print_tables(config, networks, state, machines):
     params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state["student"]))
-    total = sum(state_bytes(config, state, 1, 1).values())
+    total = sum(state_bytes(config, 1, 1).values())
     print(f"{config.student.arch}/{config.student.patch_size}: {params / 1e9:.3f}B student "
           f"params; student + teacher + AdamW + gradients = {total / GB:.1f} GB unsharded; "
           f"global batch {config.train.batch_size}; activations in {config.student.dtype}, "
@@ -175,7 +164,8 @@ def main():
     config = configs.load(args.config)
     if args.batch_size:
         config.train.batch_size = args.batch_size
-    networks, state = abstract_state(config)
+    setup = abstract_setup(config)
+    networks, state = setup.networks, setup.abstract_state
     print_tables(config, networks, state, MACHINES)
 
 

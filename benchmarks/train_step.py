@@ -26,12 +26,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dinov2_jax import configs, flops, parallel  # noqa: E402
-from dinov2_jax.data import masking  # noqa: E402
-from dinov2_jax.train import optim, schedules as schedules_lib  # noqa: E402
-from dinov2_jax.train import state as state_lib, step as step_lib  # noqa: E402
-from text_table import table  # noqa: E402
+from dinov2_jax import configs, flops, parallel
+from dinov2_jax.data import masking
+from dinov2_jax.train import setup as setup_lib
+from text_table import table
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "recipe file, e.g. configs/vitl14.py",
@@ -80,30 +78,15 @@ def peak_memory_bytes():
 
 def build(config):
     """Born-sharded state, the on-device batch and the jitted, donating train step."""
-    mesh = parallel.make_mesh(config.mesh)
-    networks = state_lib.build_networks(config)
-    schedules = schedules_lib.make_schedules(config)
-    rng = jax.random.PRNGKey(config.train.seed)
-    student = jax.eval_shape(lambda key: state_lib.init_student(networks, config, key), rng)
-    optimizer = optim.make_optimizer(config, student, schedules)
-
-    def init_state(key):
-        return state_lib.create_train_state(networks, config, optimizer, key)
-
-    state_shardings = parallel.state_shardings(jax.eval_shape(init_state, rng), mesh,
-                                               config.mesh)
-    state = jax.jit(init_state, out_shardings=state_shardings)(rng)
+    setup = setup_lib.build(config, parallel.make_mesh(config.mesh))
     mask_groups = config.train.mask_groups or jax.local_device_count()
     host_batch = random_batch(config, config.train.batch_size // jax.process_count(),
                               mask_groups, config.train.seed)
-    batch_shardings = parallel.batch_shardings(mesh, host_batch)
+    batch_shardings = parallel.batch_shardings(setup.mesh, host_batch)
     batch = parallel.global_batch(host_batch, batch_shardings)
-    train_step = jax.jit(step_lib.make_train_step(networks, config, optimizer, schedules),
-                         in_shardings=(state_shardings, batch_shardings),
-                         out_shardings=(state_shardings, None), donate_argnums=0)
-    step_flops = flops.train_step_flops(networks, config, config.train.batch_size,
-                                        host_batch["mask_indices"].size * jax.process_count())
-    return networks.backbone, state, batch, train_step, step_flops
+    step_flops = setup.step_flops(host_batch["mask_indices"].size * jax.process_count())
+    return (setup.networks.backbone, setup.create_state(), batch,
+            setup.train_step(batch_shardings), step_flops)
 
 
 def time_steps(state, batch, train_step, steps, warmup):

@@ -6,16 +6,10 @@ schedules, global batch 3072 (256 GPUs x 12 in the reference).
         --config.mesh.data=1
     python -m dinov2_jax.main --config=configs/vitg14.py:smoke --workdir=/tmp/run  # CPU
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import vitl14  # noqa: E402
-
-from dinov2_jax import configs  # noqa: E402
+from dinov2_jax import configs
 
 
 def get_config(arg=None):
-    config = vitl14.recipe("vit_giant2")
+    config = configs.large_scale_recipe("vit_giant2")
     config.student.remat_policy = "dots_no_batch"
     return configs.smoke(config) if arg == "smoke" else config

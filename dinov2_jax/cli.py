@@ -9,7 +9,7 @@ import sys
 
 from absl import flags
 
-from dinov2_jax.configs import ConfigError
+from dinov2_jax.errors import ConfigError
 
 
 def parse(argv, define, description=""):

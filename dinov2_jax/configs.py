@@ -1,22 +1,24 @@
-"""Config helpers: the reference's defaults, recipe loading with string args, validation.
+"""Config helpers: the one home of every default, recipe loading with string args, validation.
 
 A recipe is a file `configs/NAME.py` whose `get_config(arg)` returns an ml_collections
 ConfigDict; `--config=configs/vitl14.py:smoke` passes "smoke". `default_config()` holds the
-reference's `ssl_default_config.yaml` (spec §6) plus this project's run settings, and
-`validate(config, device_count)` fails at start-up with a message that names the bad key.
+reference's `dinov2/configs/ssl_default_config.yaml` plus this project's run settings, and is
+the only place where a default is written down: data, model and loop read the validated config.
+`validate(config, device_count)` fails at start-up with a `ConfigError` that names the bad key,
+checking closed sets against the model's and the mesh's own tables and numeric ranges.
 """
 import importlib.util
 import json
-import math
 import os
 
 import ml_collections
+from flax import traverse_util
 
-ARCH_NAMES = ("vit_small", "vit_base", "vit_large", "vit_giant2")
+from dinov2_jax import parallel
+from dinov2_jax.errors import ConfigError
+from dinov2_jax.models import attention, vit
 
-
-class ConfigError(ValueError):
-    """A setting, flag or input named by the user is wrong; CLIs print it as one line."""
+CENTERINGS = ("centering", "sinkhorn_knopp")
 
 
 def default_config():
@@ -35,7 +37,7 @@ def default_config():
     c.train = dict(
         batch_size=2048, dataset="tfds:imagenet2012:train", centering="centering",
         epoch_length=1250, seed=0, num_workers=-1, max_bad_fraction=0.01,
-        bad_fraction_min_records=1000,
+        bad_fraction_min_records=1000, skip_bad_shards=False,
         log_every=20, checkpoint_every=3750, keep_checkpoints=3, total_steps=-1,
         mask_groups=0)  # iBOT mask groups per host; 0: one per local device (the reference's per GPU)
     c.teacher = dict(momentum_teacher=0.992, final_momentum_teacher=1.0, warmup_teacher_temp=0.04,
@@ -54,6 +56,23 @@ def default_config():
     c.mesh = dict(data=-1, fsdp=1, rules=[(".*", "fsdp")], min_shard_size=2**14)
     c.peak_flops = 0.0  # per device, FLOP/s; 0 = look the device up in dinov2_jax.flops
     return c
+
+
+def large_scale_recipe(arch, batch_size=3072):
+    """The reference's `vitl14` / `vitg14` settings (`dinov2/configs/train/vitl14.yaml`) on top
+    of the defaults: SwiGLU, 131k prototypes, separate iBOT head, Sinkhorn-Knopp, 500 epochs on
+    ImageNet-22k. The ViT-S/B recipes change only the arch (and the FFN) on top of it."""
+    config = default_config()
+    config.student.update(arch=arch, patch_size=14, ffn_layer="swiglu", drop_path_rate=0.4)
+    config.dino.update(head_n_prototypes=131072, head_bottleneck_dim=384)
+    config.ibot.update(separate_head=True, head_n_prototypes=131072)
+    config.train.update(batch_size=batch_size, centering="sinkhorn_knopp",
+                        dataset="arrayrecord:/data/imagenet22k/*.array_record")
+    config.teacher.momentum_teacher = 0.994
+    config.optim.update(epochs=500, warmup_epochs=80, base_lr=2e-4, weight_decay_end=0.2,
+                        layerwise_decay=1.0)
+    config.crops.local_crops_size = 98
+    return config
 
 
 def smoke(config):
@@ -109,38 +128,102 @@ def _fail(key, message):
     raise ConfigError(f"config error at {key}: {message}")
 
 
-def _flat_keys(config, prefix=""):
-    keys = set()
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            keys |= _flat_keys(value, f"{prefix}{key}.")
-        else:
-            keys.add(prefix + key)
-    return keys
+def _flat(config):
+    """{"a.b": value} of a ConfigDict or a plain nested dict."""
+    tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+    return traverse_util.flatten_dict(tree, sep=".")
+
+
+def _get(config, key):
+    node = config
+    for name in key.split("."):
+        node = node[name]
+    return node
+
+
+def first_difference(saved, current, ignore=()):
+    """The first dotted key whose value differs between two configs, skipping keys that start
+    with one of `ignore`; None when they agree."""
+    saved = _flat(json.loads(saved.to_json()))
+    current = _flat(json.loads(current.to_json()))
+    for key in sorted(set(saved) | set(current)):
+        if not key.startswith(tuple(ignore)) and saved.get(key) != current.get(key):
+            return key, saved.get(key), current.get(key)
+    return None
+
+
+def _positive(config, *keys):
+    for key in keys:
+        if not _get(config, key) > 0:
+            _fail(key, f"{_get(config, key)} must be > 0")
+
+
+def _non_negative(config, *keys):
+    for key in keys:
+        if not _get(config, key) >= 0:
+            _fail(key, f"{_get(config, key)} must be >= 0")
+
+
+def _in_unit_interval(config, *keys):
+    for key in keys:
+        if not 0 <= _get(config, key) <= 1:
+            _fail(key, f"{_get(config, key)} is not in [0, 1]")
+
+
+def _one_of(config, key, allowed):
+    if _get(config, key) not in allowed:
+        _fail(key, f"{_get(config, key)!r} is not one of {tuple(allowed)}")
+
+
+def _interval(config, key, low=0.0, high=1.0):
+    lo, hi = _get(config, key)
+    if not low <= lo <= hi <= high:
+        _fail(key, f"({lo}, {hi}) is not an ordered interval in [{low}, {high}]")
 
 
 def validate(config, device_count, process_count=1):
-    """Checks the config before anything is built; raises ValueError naming the key."""
-    unknown = sorted(_flat_keys(config) - _flat_keys(default_config()))
+    """Checks the config before anything is built; raises ConfigError naming the key."""
+    unknown = sorted(set(_flat(config)) - set(_flat(default_config())))
     if unknown:
         _fail(unknown[0], "unknown key (not in dinov2_jax.configs.default_config)")
     s, crops, train, optim = config.student, config.crops, config.train, config.optim
-    if s.arch not in ARCH_NAMES:
-        _fail("student.arch", f"{s.arch!r} is not one of {ARCH_NAMES}")
+    _one_of(config, "student.arch", vit.ARCHS)
+    _one_of(config, "student.ffn_layer", vit.FFN_LAYERS)
+    _one_of(config, "student.dtype", vit.DTYPES)
+    _one_of(config, "student.remat_policy", vit.REMAT_POLICIES)
+    _one_of(config, "student.attention", attention.BACKENDS)
+    _one_of(config, "train.centering", CENTERINGS)
+    for key in ("student.pack_crops", "student.drop_path_uniform", "ibot.separate_head",
+                "crops.paper_blur_probs", "student.interpolate_antialias",
+                "evaluation.at_start", "train.skip_bad_shards"):
+        if not isinstance(_get(config, key), bool):
+            _fail(key, f"{_get(config, key)!r} is not a bool")
+    if not s.drop_path_uniform:
+        _fail("student.drop_path_uniform", "False is not supported: scanned blocks share one "
+              "static drop-path subset size")
     for key in ("global_crops_size", "local_crops_size"):
-        if crops[key] % s.patch_size:
-            _fail(f"crops.{key}", f"{crops[key]} is not a multiple of student.patch_size="
-                  f"{s.patch_size}")
-    if s.ffn_layer not in ("mlp", "swiglu"):
-        _fail("student.ffn_layer", f"{s.ffn_layer!r} is not 'mlp' or 'swiglu'")
-    if s.dtype not in ("float32", "bfloat16"):
-        _fail("student.dtype", f"{s.dtype!r} is not 'float32' or 'bfloat16'")
-    if not isinstance(s.pack_crops, bool):
-        _fail("student.pack_crops", f"{s.pack_crops!r} is not a bool")
+        if crops[key] <= 0 or crops[key] % s.patch_size:
+            _fail(f"crops.{key}", f"{crops[key]} is not a positive multiple of "
+                  f"student.patch_size={s.patch_size}")
+    _positive(config, "student.patch_size", "optim.base_lr", "optim.epochs",
+              "train.batch_size", "train.epoch_length", "train.log_every",
+              "train.checkpoint_every", "teacher.teacher_temp", "teacher.warmup_teacher_temp",
+              "optim.clip_grad", "dino.head_n_prototypes", "ibot.head_n_prototypes",
+              "evaluation.batch_size")
+    _non_negative(config, "optim.min_lr", "optim.weight_decay", "optim.weight_decay_end",
+                  "optim.warmup_epochs", "optim.freeze_last_layer_epochs",
+                  "teacher.warmup_teacher_temp_epochs", "dino.loss_weight",
+                  "dino.koleo_loss_weight", "ibot.loss_weight", "crops.local_crops_number",
+                  "student.layerscale", "train.mask_groups", "evaluation.every")
+    _in_unit_interval(config, "teacher.momentum_teacher", "teacher.final_momentum_teacher",
+                      "optim.layerwise_decay", "optim.adamw_beta1", "optim.adamw_beta2",
+                      "crops.grayscale_prob", "ibot.mask_sample_probability",
+                      "train.max_bad_fraction")
     if not 0 <= s.drop_path_rate < 1:
         _fail("student.drop_path_rate", f"{s.drop_path_rate} is not in [0, 1)")
-    if train.centering not in ("centering", "sinkhorn_knopp"):
-        _fail("train.centering", f"{train.centering!r} is not 'centering' or 'sinkhorn_knopp'")
+    _interval(config, "ibot.mask_ratio_min_max")
+    _interval(config, "crops.global_crops_scale")
+    _interval(config, "crops.local_crops_scale")
     if train.batch_size % device_count:
         _fail("train.batch_size", f"global batch {train.batch_size} is not divisible by the "
               f"{device_count} devices")
@@ -148,32 +231,18 @@ def validate(config, device_count, process_count=1):
     if config.dino.koleo_loss_weight > 0 and train.batch_size // groups < 2:
         _fail("train.batch_size", f"{train.batch_size} images in {groups} mask groups: KoLeo "
               "needs at least 2 images per group (fewer train.mask_groups or a larger batch)")
-    if optim.warmup_epochs > optim.epochs:
-        _fail("optim.warmup_epochs", f"{optim.warmup_epochs} warmup epochs exceed "
-              f"optim.epochs={optim.epochs}")
-    if config.teacher.warmup_teacher_temp_epochs > optim.epochs:
-        _fail("teacher.warmup_teacher_temp_epochs", "the teacher temperature warmup is longer "
-              f"than optim.epochs={optim.epochs}")
-    if optim.freeze_last_layer_epochs > optim.epochs:
-        _fail("optim.freeze_last_layer_epochs", f"exceeds optim.epochs={optim.epochs}")
+    for key in ("optim.warmup_epochs", "teacher.warmup_teacher_temp_epochs",
+                "optim.freeze_last_layer_epochs"):
+        if _get(config, key) > optim.epochs:
+            _fail(key, f"{_get(config, key)} epochs exceed optim.epochs={optim.epochs}")
     if total_steps(config) <= 0:
         _fail("optim.epochs", "the run has no steps")
-    low, high = config.ibot.mask_ratio_min_max
-    if not 0 <= low <= high <= 1:
-        _fail("ibot.mask_ratio_min_max", f"({low}, {high}) is not an interval in [0, 1]")
     jitter = tuple(crops.color_jitter)
     if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
         _fail("crops.color_jitter", f"{jitter} is not (brightness, contrast, saturation, hue) "
               "with all >= 0 and hue <= 0.5")
-    if not 0 <= crops.grayscale_prob <= 1:
-        _fail("crops.grayscale_prob", "must be a probability")
-    if not 0 <= config.ibot.mask_sample_probability <= 1:
-        _fail("ibot.mask_sample_probability", "must be a probability")
-    mesh_sizes = [config.mesh.data, config.mesh.fsdp]
-    if mesh_sizes.count(-1) > 1 or any(n == 0 or n < -1 for n in mesh_sizes):
-        _fail("mesh", f"sizes {mesh_sizes}: use positive sizes and at most one -1")
-    fixed = math.prod(n for n in mesh_sizes if n > 0)
-    if device_count % fixed or (-1 not in mesh_sizes and fixed != device_count):
-        _fail("mesh", f"data={config.mesh.data} x fsdp={config.mesh.fsdp} does not fit "
-              f"{device_count} devices")
+    try:
+        parallel.mesh_shape(config.mesh.data, config.mesh.fsdp, device_count)
+    except ValueError as error:
+        _fail("mesh", str(error))
     return config

@@ -1,40 +1,50 @@
 """Entry point: `python -m dinov2_jax.main --config=configs/NAME.py[:arg] --workdir=DIR`.
 
 Parses flags and the config, starts multi-host JAX when the environment asks for it, and hands
-off to `dinov2_jax.train.loop.train`. `--config.key=value` overrides any config entry.
-The console shows the run's own lines and warnings; `--verbosity=0` adds every library's
-INFO log (orbax's checkpoint steps, for one).
+off to `dinov2_jax.train.loop.train` with the run's evaluations (`dinov2_jax.eval`) as its
+callback. `--config.key=value` overrides any config entry. The console shows the run's own
+lines and warnings; `--verbosity=0` adds every library's INFO log (orbax's checkpoint steps,
+for one). A config error prints one line and exits 1; any other error keeps its traceback.
 """
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from dinov2_jax import configs, parallel
-from dinov2_jax.train import loop
+from dinov2_jax import cli, parallel
+from dinov2_jax.eval import during_training
+from dinov2_jax.train import checkpoint, loop
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "recipe file, e.g. configs/vitl14.py[:smoke]",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "run directory: config, metrics.jsonl, checkpoints")
-flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
-flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
-flags.DEFINE_integer("process_id", None, "multi-host: index of this process")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def _define(flag_values):
+    config_flags.DEFINE_config_file("config", None, "recipe file, e.g. configs/vitl14.py[:smoke]",
+                                    lock_config=True, flag_values=flag_values)
+    flags.DEFINE_string("workdir", None, "run directory (local or gs://): config, "
+                        "metrics.jsonl, checkpoints", flag_values=flag_values, required=True)
+    flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("num_processes", None, "multi-host: number of processes",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("process_id", None, "multi-host: index of this process",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("verbosity", logging.WARNING, "log level: 0 = INFO, -1 = WARNING",
+                         flag_values=flag_values)
 
 
 def main(argv):
-    del argv
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                    FLAGS.process_id)
+    flag_values = cli.parse(argv, _define, __doc__)
+    if flag_values.config is None:
+        raise cli.ConfigError("--config is required (see --help)")
+    logging.set_verbosity(flag_values.verbosity)
+    parallel.initialize_distributed(flag_values.coordinator_address,
+                                    flag_values.num_processes, flag_values.process_id)
+    config = flag_values.config
     try:
-        loop.train(FLAGS.config, FLAGS.workdir)
-    except (ValueError, loop.DivergenceError) as error:
+        loop.train(config, flag_values.workdir, during_training.make_evaluator(config))
+    except (loop.DivergenceError, checkpoint.DiskFullError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

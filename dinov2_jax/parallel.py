@@ -45,8 +45,8 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
 def mesh_shape(data, fsdp, device_count):
     """(data, fsdp) with a -1 filled in; raises ValueError when it does not fit."""
     sizes = [data, fsdp]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"mesh data={data}, fsdp={fsdp}: at most one -1")
+    if sizes.count(-1) > 1 or any(n == 0 or n < -1 for n in sizes):
+        raise ValueError(f"mesh data={data}, fsdp={fsdp}: use positive sizes and at most one -1")
     fixed = math.prod(n for n in sizes if n != -1)
     if device_count % fixed:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} does not divide {device_count} devices")
@@ -80,10 +80,6 @@ def make_mesh(mesh_config, devices=None):
                              axis_types=(AxisType.Auto,) * 2)
 
 
-def _path_name(path):
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def fsdp_spec(shape, fsdp_size, min_shard_size):
     """Shard the largest dimension divisible by the fsdp size; small leaves replicated."""
     if fsdp_size == 1 or math.prod(shape) < min_shard_size:
@@ -102,7 +98,7 @@ def state_shardings(abstract_state, mesh, mesh_config):
     rules = [(re.compile(pattern), kind) for pattern, kind in mesh_config.rules]
 
     def sharding(path, leaf):
-        name = _path_name(path)
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
         kind = next((kind for pattern, kind in rules if pattern.search(name)), "replicate")
         if kind == "fsdp":
             spec = fsdp_spec(leaf.shape, fsdp_size, mesh_config.min_shard_size)

@@ -6,10 +6,12 @@ probability below 1e-6 per check), or a two-sample Kolmogorov-Smirnov bound at a
 import math
 import random
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
+from dinov2_jax import configs
 from dinov2_jax.data import augment
 
 torch = pytest.importorskip("torch")
@@ -84,7 +86,7 @@ def test_gaussian_blur_matches_torchvision(rng, images):
 def test_color_jitter_applies_ops_in_the_given_order(rng, images):
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for image in images:
-        order, factors = augment.color_jitter_params(rng)
+        order, factors = augment.color_jitter_params(rng, (0.4, 0.4, 0.2, 0.1))
         theirs = image
         for i in order:
             theirs = ops[i](theirs, factors[i])
@@ -218,8 +220,8 @@ def assert_probability(observed: float, p: float, trials: int):
 def test_per_op_probabilities(monkeypatch, paper, strengths):
     n_local = 1
     counter = OpCounter(monkeypatch, n_local)
-    spec = augment.MultiCropSpec(global_crops_size=6, local_crops_size=5,
-                                 local_crops_number=n_local, paper_blur_probs=paper, **strengths)
+    spec = crop_spec(global_crops_size=6, local_crops_size=5, local_crops_number=n_local,
+                     paper_blur_probs=paper, **strengths)
     gray = strengths.get("grayscale_prob", 0.2)
     b, c, s, h = strengths.get("color_jitter", (0.4, 0.4, 0.2, 0.1))
     rng = np.random.default_rng()
@@ -251,7 +253,7 @@ def test_per_op_probabilities(monkeypatch, paper, strengths):
 
 def test_multi_crop_shapes_and_small_images():
     rng = np.random.default_rng()
-    spec = augment.MultiCropSpec(global_crops_size=32, local_crops_size=16, local_crops_number=3)
+    spec = crop_spec(global_crops_size=32, local_crops_size=16, local_crops_number=3)
     for shape in [(64, 48, 3), (3, 2, 3), (1, 1, 3), (5, 200, 3)]:
         out = augment.multi_crop(rng.integers(0, 256, shape, dtype=np.uint8), rng, spec)
         assert out["global_crops"].shape == (2, 32, 32, 3)
@@ -260,7 +262,6 @@ def test_multi_crop_shapes_and_small_images():
 
 
 def test_spec_from_config_reads_crops_keys():
-    import ml_collections
     crops = ml_collections.ConfigDict({"global_crops_size": 56, "local_crops_size": 28,
                                        "local_crops_number": 4, "global_crops_scale": (0.4, 1.0),
                                        "local_crops_scale": (0.1, 0.4), "paper_blur_probs": True,
@@ -268,8 +269,18 @@ def test_spec_from_config_reads_crops_keys():
                                        "grayscale_prob": 0.5})
     spec = augment.MultiCropSpec.from_config(crops)
     assert spec.color_jitter == (0.3, 0.2, 0.5, 0.4) and spec.grayscale_prob == 0.5
-    assert augment.MultiCropSpec.from_config({}).color_jitter == (0.4, 0.4, 0.2, 0.1)
+    defaults = augment.MultiCropSpec.from_config(configs.default_config().crops)
+    assert defaults.color_jitter == (0.4, 0.4, 0.2, 0.1) and defaults.grayscale_prob == 0.2
     assert (spec.global_crops_size, spec.local_crops_size, spec.local_crops_number) == (56, 28, 4)
     assert spec.global_crops_scale == (0.4, 1.0) and spec.local_crops_scale == (0.1, 0.4)
     assert spec.blur_probs == augment.PAPER_BLUR_PROBS
-    assert augment.MultiCropSpec.from_config({}).blur_probs == augment.RELEASED_BLUR_PROBS
+    assert defaults.blur_probs == augment.RELEASED_BLUR_PROBS
+    with pytest.raises(KeyError):  # no defaults of its own: an unvalidated config fails
+        augment.MultiCropSpec.from_config({"global_crops_size": 56})
+
+
+def crop_spec(**crops):
+    """The default config's crops (the reference's) with `crops` changed."""
+    config = configs.default_config()
+    config.crops.update(crops)
+    return augment.MultiCropSpec.from_config(config.crops)

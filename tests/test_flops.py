@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from dinov2_jax import configs, flops
+from dinov2_jax import configs, flops, parallel
 from dinov2_jax.data import masking
-from dinov2_jax.train import optim, schedules as schedules_lib
+from dinov2_jax.train import setup as setup_lib
 from dinov2_jax.train import state as state_lib, step as step_lib
 
 
@@ -88,13 +88,9 @@ def test_count_matches_the_executed_step(drop_path_rate, ffn_layer, separate_hea
     elementwise work, the losses and the optimizer) is 0-3% above ours. With drop path 0.4 the
     step's HLO holds the kept subset only, and the two counts still agree: the skip is real."""
     config = _small_config(drop_path_rate, ffn_layer, separate_head)
-    networks = state_lib.build_networks(config)
-    schedules = schedules_lib.make_schedules(config)
-    rng = jax.random.PRNGKey(0)
-    student = jax.eval_shape(lambda r: state_lib.init_student(networks, config, r), rng)
-    optimizer = optim.make_optimizer(config, student, schedules)
-    state = jax.eval_shape(
-        lambda r: state_lib.create_train_state(networks, config, optimizer, r), rng)
+    setup = setup_lib.build(config, parallel.make_mesh(config.mesh, jax.devices()[:1]))
+    networks = setup.networks
+    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), setup.abstract_state)
     b, crops = config.train.batch_size, config.crops
     tokens = (crops.global_crops_size // config.student.patch_size) ** 2
     upperbound = masking.mask_upperbound(2 * b, tokens, config.ibot.mask_ratio_min_max,
@@ -109,9 +105,9 @@ def test_count_matches_the_executed_step(drop_path_rate, ffn_layer, separate_hea
         "mask_indices": spec((1, upperbound), jnp.int32),
         "masks_weight": spec((1, upperbound), jnp.float32),
     }
-    step = step_lib.make_train_step(networks, config, optimizer, schedules)
+    step = step_lib.make_train_step(networks, config, setup.optimizer, setup.schedules)
     executed = jax.jit(step).lower(state, batch).cost_analysis()["flops"]
-    counted = flops.train_step_flops(networks, config, b, upperbound)
+    counted = setup.step_flops(upperbound)
     assert 1.0 <= executed / counted <= 1.04, executed / counted
     if drop_path_rate:
         without = flops.train_step_flops(

@@ -367,9 +367,8 @@ def test_memory_benchmark_equals_the_start_up_report(runs):
     _, _, workdirs = runs
     memory = _memory_benchmark()
     config = _config_from_flags(TINY)
-    _, state = memory.abstract_state(config)
     for name, (data, fsdp) in {"fsdp8": (1, 8), "data8": (8, 1)}.items():
-        paper = memory.state_bytes(config, state, data, fsdp)
+        paper = memory.state_bytes(config, data, fsdp)
         reported = read_metrics(workdirs[name])[0]
         for part in ("student", "teacher", "opt_state"):
             assert paper[part] == reported[f"memory/{part}_bytes_per_device"], (name, part)

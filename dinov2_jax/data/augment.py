@@ -1,6 +1,7 @@
 """Multi-crop augmentation equal to the reference's DataAugmentationDINO, and the eval transform.
 
-Spec §5.1. Every random choice is drawn from the np.random.Generator that grain's random_map
+See docs/reference.md, Augmentation, and the reference's `dinov2/data/augmentations.py`.
+Every random choice is drawn from the np.random.Generator that grain's random_map
 hands each record (never a global RNG). The ops follow torchvision's functional ops on PIL
 images, which is what the reference applies:
 
@@ -33,43 +34,42 @@ _MEAN_255 = np.asarray(IMAGENET_MEAN, np.float32) * 255
 _INV_STD_255 = 1 / (np.asarray(IMAGENET_STD, np.float32) * 255)
 _NORMALIZED_ZERO = -_MEAN_255 * _INV_STD_255
 CROP_RATIO = (3 / 4, 4 / 3)
-JITTER = (0.4, 0.4, 0.2, 0.1)  # Brightness, contrast, saturation, hue.
 JITTER_PROBABILITY = 0.8
-GRAYSCALE_PROBABILITY = 0.2
 SOLARIZE_PROBABILITY = 0.2
 SOLARIZE_THRESHOLD = 128
 BLUR_KERNEL_SIZE = 9
 BLUR_SIGMA = (0.1, 2.0)
-# Effective blur probabilities (global crop 1, global crop 2, local crops), spec §5.1.
+# Effective blur probabilities (global crop 1, global crop 2, local crops): the released
+# `dinov2/data/augmentations.py` and the paper's (docs/reference.md, Augmentation).
 RELEASED_BLUR_PROBS = (0.0, 0.9, 0.5)
 PAPER_BLUR_PROBS = (1.0, 0.1, 0.5)
 
 
 @dataclasses.dataclass(frozen=True)
 class MultiCropSpec:
-    """What DataAugmentationDINO is built with (config.crops)."""
-    global_crops_size: int = 224
-    local_crops_size: int = 96
-    local_crops_number: int = 8
-    global_crops_scale: tuple[float, float] = (0.32, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.32)
-    paper_blur_probs: bool = False
-    color_jitter: tuple[float, float, float, float] = JITTER
-    grayscale_prob: float = GRAYSCALE_PROBABILITY
+    """What DataAugmentationDINO is built with: the validated `config.crops`, no defaults of
+    its own (those live in `dinov2_jax.configs.default_config`)."""
+    global_crops_size: int
+    local_crops_size: int
+    local_crops_number: int
+    global_crops_scale: tuple[float, float]
+    local_crops_scale: tuple[float, float]
+    paper_blur_probs: bool
+    color_jitter: tuple[float, float, float, float]
+    grayscale_prob: float
 
     @classmethod
     def from_config(cls, crops) -> "MultiCropSpec":
-        """Reads config.crops (missing keys take the reference defaults)."""
-        defaults = cls()
+        """The spec of a validated config.crops (every field must be there)."""
         return cls(
-            global_crops_size=int(crops.get("global_crops_size", defaults.global_crops_size)),
-            local_crops_size=int(crops.get("local_crops_size", defaults.local_crops_size)),
-            local_crops_number=int(crops.get("local_crops_number", defaults.local_crops_number)),
-            global_crops_scale=tuple(crops.get("global_crops_scale", defaults.global_crops_scale)),
-            local_crops_scale=tuple(crops.get("local_crops_scale", defaults.local_crops_scale)),
-            paper_blur_probs=bool(crops.get("paper_blur_probs", defaults.paper_blur_probs)),
-            color_jitter=tuple(float(v) for v in crops.get("color_jitter", defaults.color_jitter)),
-            grayscale_prob=float(crops.get("grayscale_prob", defaults.grayscale_prob)))
+            global_crops_size=int(crops["global_crops_size"]),
+            local_crops_size=int(crops["local_crops_size"]),
+            local_crops_number=int(crops["local_crops_number"]),
+            global_crops_scale=tuple(crops["global_crops_scale"]),
+            local_crops_scale=tuple(crops["local_crops_scale"]),
+            paper_blur_probs=bool(crops["paper_blur_probs"]),
+            color_jitter=tuple(float(v) for v in crops["color_jitter"]),
+            grayscale_prob=float(crops["grayscale_prob"]))
 
     @property
     def blur_probs(self) -> tuple[float, float, float]:
@@ -103,7 +103,7 @@ def random_resized_crop_params(width: int, height: int, scale, rng: np.random.Ge
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def color_jitter_params(rng: np.random.Generator, strengths=JITTER):
+def color_jitter_params(rng: np.random.Generator, strengths):
     """torchvision ColorJitter(*strengths).get_params: op order (permutation of 0..3) and the
     four factors (brightness, contrast, saturation, hue)."""
     brightness, contrast, saturation, hue = strengths

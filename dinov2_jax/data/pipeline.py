@@ -24,13 +24,16 @@ key (the file path or source[index]) and counted; the counts live in the iterato
 the records read by a worker failed, once it has read at least `bad_fraction_min_records`,
 the iterator raises TooManyBadRecordsError naming examples.
 
-Config keys read: train.dataset, train.batch_size, train.seed (0), train.num_workers
-(negative or unset: min(cpu count, 32)), train.max_bad_fraction (0.01), train.bad_fraction_min_records (1000),
-crops.* (augment.MultiCropSpec.from_config), student.patch_size (14),
-ibot.mask_sample_probability (0.5), ibot.mask_ratio_min_max ((0.1, 0.5)).
+The training stream reads a validated config (defaults in dinov2_jax.configs): train.dataset,
+train.batch_size, train.seed, train.num_workers (negative: min(cpu count, 32)),
+train.max_bad_fraction, train.bad_fraction_min_records, crops.*, student.patch_size,
+ibot.mask_sample_probability and ibot.mask_ratio_min_max.
 """
+import functools
 import os
 import random
+import threading
+import time
 from typing import Any
 
 import grain
@@ -41,8 +44,6 @@ from absl import logging
 from dinov2_jax.data import augment, masking, sources
 
 BAD_KEY = "_bad_records"
-DEFAULT_MAX_BAD_FRACTION = 0.01
-DEFAULT_BAD_FRACTION_MIN_RECORDS = 1000
 _MAX_CONSECUTIVE_BAD = 100
 _LOGGED_BAD_PER_PROCESS = 100
 _EXAMPLES_KEPT = 5
@@ -256,15 +257,6 @@ class TrainCollate(_FloatBatches):
         }
 
 
-def _get(config, path: str, default):
-    node = config
-    for name in path.split("."):
-        if node is None or name not in node:
-            return default
-        node = node[name]
-    return node
-
-
 def _host(process_index, process_count) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax  # Only for the defaults: the data code otherwise runs without jax.
@@ -284,7 +276,27 @@ def _prefetch(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
     if num_workers == 0:
         return ds
     return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                       per_worker_buffer_size=1))
+                                                       per_worker_buffer_size=1),
+                          worker_init_fn=functools.partial(_exit_with_trainer, os.getpid()))
+
+
+def _exit_with_trainer(trainer_pid: int, worker_index: int, worker_count: int) -> None:
+    """Worker start-up: a daemon thread ends this worker within a second of the trainer's
+    death (a kill -9 leaves no time for the trainer to stop its workers itself)."""
+    del worker_index, worker_count
+    parent = os.getppid()  # the trainer, or a fork server that ends with it
+
+    def watch():
+        while True:
+            try:
+                os.kill(trainer_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            if os.getppid() != parent:  # re-parented: the trainer died (maybe not yet reaped)
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-trainer").start()
 
 
 def make_train_dataset(config, *, process_index: int | None = None,
@@ -302,26 +314,22 @@ def make_train_dataset(config, *, process_index: int | None = None,
     local_batch = global_batch // process_count
     if mask_groups < 1 or local_batch % mask_groups:
         raise ValueError(f"local batch {local_batch} is not divisible by mask_groups={mask_groups}")
-    spec = augment.MultiCropSpec.from_config(_get(config, "crops", {}))
-    patch_size = int(_get(config, "student.patch_size", 14))
-    if spec.global_crops_size % patch_size:
-        raise ValueError(f"crops.global_crops_size={spec.global_crops_size} is not a multiple of "
-                         f"student.patch_size={patch_size}")
+    spec = augment.MultiCropSpec.from_config(config.crops)
+    patch_size = config.student.patch_size
     collate = TrainCollate(
         n_tokens=(spec.global_crops_size // patch_size) ** 2, mask_groups=mask_groups,
-        mask_ratio_min_max=_get(config, "ibot.mask_ratio_min_max", (0.1, 0.5)),
-        mask_probability=float(_get(config, "ibot.mask_sample_probability", 0.5)),
+        mask_ratio_min_max=config.ibot.mask_ratio_min_max,
+        mask_probability=float(config.ibot.mask_sample_probability),
         generator=masking.make_mask_generator(spec.global_crops_size, patch_size))
     source = sources.open_source(config.train.dataset) if source is None else source
     host_records = grain.MapDataset.source(source)[process_index::process_count]
     if len(host_records) < local_batch:
         raise ValueError(f"host {process_index} has {len(host_records)} records, fewer than its "
                          f"batch of {local_batch}")
-    seed = int(np.random.SeedSequence([int(_get(config, "train.seed", 0)), process_index])
+    seed = int(np.random.SeedSequence([int(config.train.seed), process_index])
                .generate_state(1)[0])
-    num_workers = _get(config, "train.num_workers", None)
-    num_workers = (default_num_workers() if num_workers is None or num_workers < 0
-                   else int(num_workers))
+    num_workers = config.train.num_workers
+    num_workers = default_num_workers() if num_workers < 0 else int(num_workers)
     ds = (DecodedRecords(host_records)
           .seed(seed)
           .shuffle()
@@ -330,9 +338,8 @@ def make_train_dataset(config, *, process_index: int | None = None,
           .batch(local_batch, drop_remainder=True, batch_fn=collate)
           .to_iter_dataset(_READ_OPTIONS))
     ds = BadRecordGuard(
-        ds, max_bad_fraction=float(_get(config, "train.max_bad_fraction", DEFAULT_MAX_BAD_FRACTION)),
-        min_records=int(_get(config, "train.bad_fraction_min_records",
-                             DEFAULT_BAD_FRACTION_MIN_RECORDS)),
+        ds, max_bad_fraction=float(config.train.max_bad_fraction),
+        min_records=int(config.train.bad_fraction_min_records),
         batch_fn=collate)
     return _prefetch(ds, num_workers)
 
@@ -388,10 +395,12 @@ class EvalCollate(_FloatBatches):
 def make_eval_dataset(source, *, image_size: int = 224, resize_size: int = 256,
                       batch_size: int = 256, process_index: int | None = None,
                       process_count: int | None = None, num_workers: int = 0,
-                      max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-                      bad_fraction_min_records: int = DEFAULT_BAD_FRACTION_MIN_RECORDS
+                      max_bad_fraction: float, bad_fraction_min_records: int
                       ) -> grain.IterDataset:
     """One pass over all records of this host's slice, in source order.
+
+    The bad-record thresholds are the caller's (the training defaults live in
+    `configs.default_config().train`).
 
     `source` is a source string or an opened source. Batches are
     {"image": (b, S, S, 3) float32, "label": (b,) int32, "index": (b,) int64 (position in the
@@ -413,8 +422,7 @@ def make_eval_dataset(source, *, image_size: int = 224, resize_size: int = 256,
 def make_eval_iterator(source, *, image_size: int = 224, resize_size: int = 256,
                        batch_size: int = 256, process_index: int | None = None,
                        process_count: int | None = None, num_workers: int = 0,
-                       max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-                       bad_fraction_min_records: int = DEFAULT_BAD_FRACTION_MIN_RECORDS
+                       max_bad_fraction: float, bad_fraction_min_records: int
                        ) -> grain.DatasetIterator:
     """Iterator over make_eval_dataset."""
     return iter(make_eval_dataset(

@@ -38,7 +38,8 @@ from dinov2_jax.data import pipeline, sources
 from dinov2_jax.models import vit
 
 # Bad images in an eval set are skipped and counted under the training stream's thresholds.
-BAD_RECORDS = configs.default_config().train
+BAD_RECORD_LIMITS = {key: configs.default_config().train[key]
+                     for key in ("max_bad_fraction", "bad_fraction_min_records")}
 
 FEATURES = ("cls", "patch", "reg", "blocks_cls", "patch_mean")
 
@@ -199,8 +200,7 @@ def extract_source(model, params, source, *, features=("cls",), image_size=224,
         source, image_size=image_size,
         resize_size=default_resize_size(image_size) if resize_size is None else resize_size,
         batch_size=host_batch, num_workers=num_workers,
-        max_bad_fraction=BAD_RECORDS.max_bad_fraction,
-        bad_fraction_min_records=BAD_RECORDS.bad_fraction_min_records)
+        **BAD_RECORD_LIMITS)
     host_images = math.ceil(len(source) / process_count)
     return extract(model, params, iterator, features=features, n_last_blocks=n_last_blocks,
                    dtype=dtype, batch_size=host_batch,

@@ -1,29 +1,26 @@
-"""The training loop: mesh, data, state, steps, logs, checkpoints, evals, preemption.
+"""The training loop: data, state, steps, logs, checkpoints, evaluations, preemption.
 
-Read top to bottom: validate the config, build the mesh, the data and the (born sharded)
-state, resume from `workdir` when it holds a checkpoint, then run jitted steps. Every step's
-metrics are checked one step later (so dispatch is not blocked) and a NaN/Inf stops the run
-before it can be checkpointed. SIGTERM saves and returns cleanly.
+Read top to bottom: validate the config, build the run (`train/setup.py`) and its data,
+resume from `workdir` when it holds a checkpoint whose config matches, then run jitted steps.
+Every step's metrics are checked one step later (so dispatch is not blocked) and a NaN/Inf
+stops the run before it can be checkpointed. SIGTERM saves and returns cleanly, at the same
+step on every host. Evaluations come in as a callback, so this module knows no eval code.
 """
-import functools
-import json
-import os
 import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import parameter_overview
+from etils import epath
+from jax.experimental import multihost_utils
 
-from dinov2_jax import configs, convert, flops, parallel
-from dinov2_jax.data import pipeline
+from dinov2_jax import configs, flops, parallel
+from dinov2_jax.data import pipeline, sources
 from dinov2_jax.train import checkpoint as checkpoint_lib
 from dinov2_jax.train import metrics as metrics_lib
-from dinov2_jax.train import optim, schedules as schedules_lib
-from dinov2_jax.train import state as state_lib
-from dinov2_jax.train import step as step_lib
+from dinov2_jax.train import setup as setup_lib
 
 # Keys that may change between a run and its resume; anything else must match.
 RESUMABLE_CHANGES = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -34,61 +31,107 @@ class DivergenceError(RuntimeError):
     """A NaN or Inf loss or gradient."""
 
 
-class _Preemption:
-    """Sets a flag on SIGTERM; the loop saves and returns at the next step boundary."""
+def train(config, workdir, evaluate=None):
+    """Trains `config` in `workdir` (local or gs://), resuming from its newest checkpoint.
 
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+    `evaluate(model, teacher_backbone_params) -> {name: float}` runs at step 0 when
+    evaluation.at_start, every evaluation.every steps and at the end. Returns the last
+    interval's metrics and the last evaluation's results.
+    """
+    configs.validate(config, jax.device_count(), jax.process_count())
+    workdir = epath.Path(workdir)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+    writer = metrics_lib.MetricWriter(workdir)
+    setup = setup_lib.build(config, parallel.make_mesh(config.mesh))
+    source = sources.open_source(config.train.dataset, config.train.skip_bad_shards)
+    if getattr(source, "skipped_shards", None):
+        writer.write(0, {"data/skipped_shards": len(source.skipped_shards),
+                         "data/skipped_shard_records": source.skipped_records})
+    data_iter = pipeline.make_train_iterator(
+        config, mask_groups=config.train.mask_groups or jax.local_device_count(), source=source)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    state = _restore_or_create(setup, checkpointer, data_iter, workdir, writer)
+    writer.console("student parameters:\n" + parameter_overview.get_parameter_overview(
+        state["student"], include_stats=False))
+    _memory_report(state, writer)
 
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.requested = True
+    batch = next(data_iter)
+    batch_shardings = parallel.batch_shardings(setup.mesh, {k: v for k, v in batch.items()
+                                                            if k != pipeline.BAD_KEY})
+    train_step = setup.train_step(batch_shardings)
+    total_steps = configs.total_steps(config)
+    interval = _Interval(writer, total_steps, config.train.batch_size, data_iter,
+                         setup.step_flops(batch["mask_indices"].size * jax.process_count()),
+                         config.peak_flops)
+    model = setup.networks.backbone.clone(drop_path_rate=0.0)
+    every = config.evaluation.every
+    preemption = _Preemption()
+    step, final = int(state["step"]), {}
+    if step == 0 and evaluate and config.evaluation.at_start:
+        final.update(_evaluate(evaluate, model, state, writer, 0))
+    try:
+        while step < total_steps:
+            for key, reason in batch.pop(pipeline.BAD_KEY, [])[:3]:
+                logging.warning("skipped bad record %s: %s", key, reason)
+            state, step_metrics = train_step(state, parallel.global_batch(batch, batch_shardings))
+            step += 1
+            interval.add(step, step_metrics)
+            is_last = step == total_steps
+            if step % config.train.log_every == 0 or is_last:
+                final.update(interval.flush(step))
+            stop = preemption.requested(step)
+            if step % config.train.checkpoint_every == 0 or is_last or stop:
+                interval.settle()
+                checkpointer.save(step, state, data_iter, {
+                    "config": config.to_json(), "step": step, "wall_time": time.time(),
+                    "process_count": jax.process_count()})
+            if stop:
+                checkpointer.wait()
+                writer.console(f"preempted: saved step {step}; rerun the same command to resume")
+                return final
+            if evaluate and (is_last or (every and step % every == 0)):
+                final.update(_evaluate(evaluate, model, state, writer, step))
+            if not is_last:
+                batch = next(data_iter)
+    finally:
+        preemption.restore()
+        checkpointer.close()
+        writer.close()
+    writer.console(f"finished step {step}/{total_steps}; the teacher exports to PyTorch with: "
+                   f"python -m dinov2_jax.convert --input {workdir} --output teacher.pth "
+                   "--format hub")
+    return final
 
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+
+def _restore_or_create(setup, checkpointer, data_iter, workdir, writer):
+    """The newest checkpoint's state when its config matches this one, else a fresh state.
+
+    The saved config is compared before any state is read: a mismatch raises ConfigError and
+    leaves the workdir as it is. `config.json` is written only for a fresh run.
+    """
+    config = setup.config
+    restored = checkpointer.restore_latest(
+        setup.abstract_state, data_iter, lambda meta: _check_resumable(meta["config"], config))
+    if restored is not None:
+        state, _ = restored
+        writer.console(f"resumed from step {int(state['step'])} in {checkpointer.directory}")
+        return state
+    state = setup.create_state()
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json(indent=1))
+    return state
 
 
 def _check_resumable(saved_config_json, config):
-    saved = json.loads(configs.from_json(saved_config_json).to_json())
-    current = json.loads(config.to_json())
-
-    def flat(tree, prefix=""):
-        out = {}
-        for key, value in tree.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict)
-                       else {prefix + key: value})
-        return out
-
-    saved, current = flat(saved), flat(current)
-    for key in sorted(set(saved) | set(current)):
-        if key.startswith(RESUMABLE_CHANGES) or saved.get(key) == current.get(key):
-            continue
-        raise ValueError(f"config error at {key}: the checkpoint in the workdir was made with "
-                         f"{saved.get(key)!r}, this run has {current.get(key)!r}; use a new "
-                         f"--workdir or the same config")
-
-
-def _pretrained_student(networks, config, rng):
-    """The student with its backbone from student.pretrained_weights (strict), heads fresh."""
-    student = state_lib.init_student(networks, config, rng)
-    _, backbone = convert.load_weights(config.student.pretrained_weights)
-    expected = jax.tree.map(np.shape, student["backbone"])
-    got = jax.tree.map(np.shape, backbone)
-    if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
-        raise ValueError(f"student.pretrained_weights={config.student.pretrained_weights} does "
-                         f"not match student.arch: {_first_difference(expected, got)}")
-    return {**student, "backbone": jax.tree.map(jnp.asarray, backbone)}
-
-
-def _first_difference(expected, got):
-    flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-    flat_got = dict(jax.tree_util.tree_flatten_with_path(got)[0])
-    for path in sorted(set(flat_expected) | set(flat_got), key=str):
-        if flat_expected.get(path) != flat_got.get(path):
-            return (f"{jax.tree_util.keystr(path)}: expected {flat_expected.get(path)}, "
-                    f"got {flat_got.get(path)}")
-    return "tree structures differ"
+    difference = configs.first_difference(configs.from_json(saved_config_json), config,
+                                          ignore=RESUMABLE_CHANGES)
+    if difference:
+        key, saved, current = difference
+        raise configs.ConfigError(
+            f"config error at {key}: the checkpoints in the workdir were made with {saved!r}, "
+            f"this run has {current!r}; use a new --workdir or the same config (nothing in the "
+            "workdir was changed)")
 
 
 def _memory_report(state, writer):
@@ -101,132 +144,77 @@ def _memory_report(state, writer):
     return report
 
 
-def _knn(networks, config, teacher, writer, step):
-    from dinov2_jax.eval import extract, knn
-    evaluation = config.evaluation
-    model = networks.backbone.clone(drop_path_rate=0.0)
-    size = config.crops.global_crops_size
-    results = knn.knn_eval(model, teacher["backbone"], evaluation.knn_train, evaluation.knn_val,
-                           image_size=size,
-                           resize_size=extract.default_resize_size(size, evaluation.knn_resize),
-                           batch_size=evaluation.batch_size)
+def _evaluate(evaluate, model, state, writer, step):
+    results = evaluate(model, state["teacher"]["backbone"])
     writer.write(step, results)
-    writer.console(f"step {step} k-NN: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    writer.console(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     return results
 
 
-def train(config, workdir):
-    """Trains `config` in `workdir`, resuming from its newest checkpoint; returns final metrics."""
-    configs.validate(config, jax.device_count(), jax.process_count())
-    os.makedirs(workdir, exist_ok=True)
-    writer = metrics_lib.MetricWriter(workdir)
-    total_steps = configs.total_steps(config)
+class _Preemption:
+    """Decides when a preempted run saves and stops: at the same step on every host.
 
-    mesh = parallel.make_mesh(config.mesh)
-    networks = state_lib.build_networks(config)
-    schedules = schedules_lib.make_schedules(config)
-    rng = jax.random.PRNGKey(config.train.seed)
-    abstract_student = jax.eval_shape(functools.partial(state_lib.init_student, networks, config),
-                                      rng)
-    optimizer = optim.make_optimizer(config, abstract_student, schedules)
-    init_student = (functools.partial(_pretrained_student, networks, config)
-                    if config.student.pretrained_weights
-                    else functools.partial(state_lib.init_student, networks, config))
+    One process: a SIGTERM handler sets a flag. Several processes: the preemption sync manager
+    that `jax.distributed.initialize` starts catches SIGTERM on any host and the hosts agree
+    on a step; `reached_preemption_sync_point` is True on all of them at that step.
+    """
 
-    def init_state(rng):
-        return state_lib.create_train_state(networks, config, optimizer, rng, init_student(rng))
+    def __init__(self):
+        self._flag = False
+        self._multihost = jax.process_count() > 1
+        self._previous = (None if self._multihost
+                          else signal.signal(signal.SIGTERM, self._handle))
 
-    abstract_state = jax.eval_shape(init_state, rng)
-    state_shardings = parallel.state_shardings(abstract_state, mesh, config.mesh)
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping")
+        self._flag = True
 
-    mask_groups = config.train.mask_groups or jax.local_device_count()
-    data_iter = pipeline.make_train_iterator(config, mask_groups=mask_groups)
-    checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    restored = checkpointer.restore_latest(
-        jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                     abstract_state, state_shardings), data_iter)
-    if restored is not None:
-        state, meta = restored
-        _check_resumable(meta["config"], config)
-        writer.console(f"resumed from step {int(state['step'])} in {checkpointer.directory}")
-    else:
-        state = jax.jit(init_state, out_shardings=state_shardings)(rng)
-        if jax.process_index() == 0:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json(indent=1))
-    writer.console("student parameters:\n" + parameter_overview.get_parameter_overview(
-        state["student"], include_stats=False))
-    _memory_report(state, writer)
+    def requested(self, step):
+        if self._multihost:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._flag
 
-    first = next(data_iter)
-    batch_shardings = parallel.batch_shardings(mesh, {k: v for k, v in first.items()
-                                                      if k != pipeline.BAD_KEY})
-    train_step = jax.jit(step_lib.make_train_step(networks, config, optimizer, schedules),
-                         in_shardings=(state_shardings, batch_shardings),
-                         out_shardings=(state_shardings, None), donate_argnums=0)
-    step_flops = flops.train_step_flops(networks, config, config.train.batch_size,
-                                        first["mask_indices"].size * jax.process_count())
-    peak = flops.peak_flops_per_device(override=config.peak_flops)
+    def restore(self):
+        if not self._multihost:
+            signal.signal(signal.SIGTERM, self._previous)
 
-    def save(step_number):
-        meta = {"config": config.to_json(), "step": step_number, "wall_time": time.time(),
-                "process_count": jax.process_count()}
-        checkpointer.save(step_number, state, data_iter, meta)
 
-    preemption = _Preemption()
-    step = int(state["step"])
-    history, pending, batch, final = [], None, first, {}
-    interval_start, interval_steps = time.time(), 0
-    if step == 0 and config.evaluation.knn_train and config.evaluation.at_start:
-        final.update(_knn(networks, config, state["teacher"], writer, 0))
-    try:
-        while step < total_steps:
-            bad = batch.pop(pipeline.BAD_KEY, [])
-            for key, reason in bad[:3]:
-                logging.warning("skipped bad record %s: %s", key, reason)
-            state, step_metrics = train_step(state, parallel.global_batch(batch, batch_shardings))
-            step += 1
-            interval_steps += 1
-            if pending is not None:
-                history.append(_checked(*pending))
-            pending = (step, step_metrics)
-            is_last = step == total_steps
-            if step % config.train.log_every == 0 or is_last:
-                history.append(_checked(*pending))
-                pending = None
-                elapsed = time.time() - interval_start
-                values = metrics_lib.mean_metrics(history)
-                values["img_per_sec"] = interval_steps * config.train.batch_size / elapsed
-                values["mfu"] = (step_flops * interval_steps / elapsed / jax.device_count() / peak
-                                 if peak else None)
-                values.update({f"data/{k}": v for k, v in
-                               pipeline.bad_record_stats(data_iter).items()})
-                writer.write(step, values)
-                writer.console(metrics_lib.format_line(step, total_steps, values,
-                                                       elapsed / interval_steps))
-                final.update(values)
-                history, interval_start, interval_steps = [], time.time(), 0
-            if step % config.train.checkpoint_every == 0 or is_last or preemption.requested:
-                if pending is not None:
-                    history.append(_checked(*pending))
-                    pending = None
-                save(step)
-            if preemption.requested:
-                checkpointer.wait()
-                writer.console(f"preempted: saved step {step}; rerun the same command to resume")
-                return final
-            every = config.evaluation.every
-            if config.evaluation.knn_train and (is_last or (every and step % every == 0)):
-                final.update(_knn(networks, config, state["teacher"], writer, step))
-            if not is_last:
-                batch = next(data_iter)
-    finally:
-        preemption.restore()
-        checkpointer.close()
-    writer.console(f"finished step {step}/{total_steps}; the teacher exports to PyTorch with: "
-                   f"python -m dinov2_jax.convert --input {workdir} --output teacher.pth "
-                   "--format hub")
-    return final
+class _Interval:
+    """One log interval's bookkeeping: each step's metrics are read and checked for NaN/Inf
+    one step late (so dispatch never waits for them); `flush` logs their means as one line."""
+
+    def __init__(self, writer, total_steps, batch_size, data_iter, step_flops, peak_flops):
+        self._writer, self._total, self._batch_size = writer, total_steps, batch_size
+        self._data_iter, self._step_flops = data_iter, step_flops
+        self._peak = flops.peak_flops_per_device(override=peak_flops)
+        self._history, self._pending = [], None
+        self._start, self._steps = time.time(), 0
+
+    def add(self, step, step_metrics):
+        self.settle()
+        self._pending = (step, step_metrics)
+        self._steps += 1
+
+    def settle(self):
+        """Reads and checks the pending step's metrics (DivergenceError on NaN/Inf)."""
+        if self._pending is not None:
+            self._history.append(_checked(*self._pending))
+            self._pending = None
+
+    def flush(self, step):
+        self.settle()
+        elapsed = time.time() - self._start
+        values = metrics_lib.mean_metrics(self._history)
+        values["img_per_sec"] = self._steps * self._batch_size / elapsed
+        values["mfu"] = (self._step_flops * self._steps / elapsed / jax.device_count()
+                         / self._peak if self._peak else None)
+        values.update({f"data/{k}": v for k, v in
+                       pipeline.bad_record_stats(self._data_iter).items()})
+        self._writer.write(step, values)
+        self._writer.console(metrics_lib.format_line(step, self._total, values,
+                                                     elapsed / self._steps))
+        self._history, self._start, self._steps = [], time.time(), 0
+        return values
 
 
 def _checked(step, step_metrics):

@@ -34,7 +34,7 @@ class ParamGroups(NamedTuple):
 def _leaf_name(path):
     if not all(isinstance(k, jax.tree_util.DictKey) for k in path):
         raise ValueError(f"params must be nested dicts (unboxed), got path {path}")
-    return ".".join(str(k.key) for k in path)
+    return jax.tree_util.keystr(path, simple=True, separator=".")
 
 
 def _backbone_depth(params):

@@ -25,28 +25,13 @@ class Networks(NamedTuple):
         return self.ibot_head or self.dino_head
 
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 def build_networks(config):
     """Backbone and heads from config.student / config.dino / config.ibot.
 
     student.embed_dim / depth / num_heads, when non-zero, override the arch's sizes.
     """
-    student = config.student
-    if not student.drop_path_uniform:
-        raise ValueError("student.drop_path_uniform=False is not supported: scanned blocks share "
-                         "one static drop-path subset size")
-    dtype = DTYPES[student.dtype]
-    sizes = {k: student[k] for k in ("embed_dim", "depth", "num_heads") if student[k]}
-    backbone = vit.build_backbone(
-        student.arch, **sizes, patch_size=student.patch_size, img_size=config.crops.global_crops_size,
-        ffn_layer=student.ffn_layer, layerscale=student.layerscale,
-        num_register_tokens=student.num_register_tokens,
-        interpolate_offset=student.interpolate_offset,
-        interpolate_antialias=student.interpolate_antialias,
-        drop_path_rate=student.drop_path_rate, remat_policy=student.remat_policy,
-        attention_backend=student.attention, pack_crops=student.pack_crops, dtype=dtype)
+    backbone = vit.backbone_from_config(config)
+    dtype = backbone.dtype
 
     def head(section):
         return heads.DINOHead(out_dim=section.head_n_prototypes, hidden_dim=section.head_hidden_dim,
