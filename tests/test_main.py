@@ -5,6 +5,7 @@ CPU cores) except the full demo (a few minutes)."""
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -154,6 +155,61 @@ def test_truncated_checkpoint_is_skipped_with_a_warning(uninterrupted, tmp_path)
     _assert_same_run(uninterrupted, workdir, TOTAL_STEPS)
 
 
+def _snapshot(workdir):
+    """Every file under workdir with its bytes' hash: what a failed rerun must leave alone."""
+    out = {}
+    for root, _, files in os.walk(workdir):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, workdir)] = hash(f.read())
+    return out
+
+
+def test_config_mismatch_rerun_changes_nothing(tmp_path):
+    """A rerun whose config changes the state's shape fails naming the key; every checkpoint
+    and config.json stay as they were (the meta is read before the state)."""
+    workdir = str(tmp_path / "run")
+    result = _python("-m", "dinov2_jax.main", "--config=configs/demo.py:tiny",
+                     f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = _snapshot(workdir)
+    result = _python("-m", "dinov2_jax.main", "--config=configs/demo.py:tiny",
+                     f"--workdir={workdir}", "--config.ibot.separate_head=True")
+    assert result.returncode == 1
+    assert "config error at ibot.separate_head" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _snapshot(workdir) == before
+    assert not os.path.exists(os.path.join(workdir, "checkpoints_unreadable"))
+
+
+def test_state_mismatch_the_config_cannot_see_fails_naming_the_leaf(tmp_path):
+    """A checkpoint whose meta matches the config but whose state has other shapes (here: a
+    checkpoint made with 256 iBOT prototypes, its meta edited to claim 1024) is an error naming
+    the first differing leaf, never a silent restart from step 0."""
+    workdir = str(tmp_path / "run")
+    result = _python("-m", "dinov2_jax.main", "--config=configs/demo.py:tiny",
+                     f"--workdir={workdir}", "--config.dino.head_n_prototypes=256",
+                     "--config.ibot.head_n_prototypes=256")
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = _committed_steps(workdir)
+    for step in steps:
+        meta_file = os.path.join(workdir, "checkpoints", str(step), "meta", "metadata")
+        meta = json.load(open(meta_file))
+        saved = json.loads(meta["config"])
+        saved["dino"]["head_n_prototypes"] = saved["ibot"]["head_n_prototypes"] = 1024
+        meta["config"] = json.dumps(saved)
+        json.dump(meta, open(meta_file, "w"))
+    before = _snapshot(workdir)
+    result = _python("-m", "dinov2_jax.main", "--config=configs/demo.py:tiny",
+                     f"--workdir={workdir}")
+    assert result.returncode == 1
+    assert f"the checkpoint at step {steps[-1]}" in result.stderr
+    assert "centers/dino: this run has ((1024,), 'float32'), the checkpoint has ((256,), " \
+        "'float32')" in result.stderr, result.stderr[-2000:]
+    assert _snapshot(workdir) == before
+
+
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "diverged")
     result = _run(workdir, "--config.optim.base_lr=1e38", "--config.train.checkpoint_every=1")
@@ -173,24 +229,33 @@ def _tiny_config():
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("crops.global_crops_size", 30, "crops.global_crops_size: 30 is not a multiple of "
+    ("crops.global_crops_size", 30, "crops.global_crops_size: 30 is not a positive multiple of "
                                     "student.patch_size=8"),
     ("train.batch_size", 6, "train.batch_size: global batch 6 is not divisible by the 4 devices"),
-    ("optim.warmup_epochs", 5, "optim.warmup_epochs: 5 warmup epochs exceed optim.epochs=2"),
-    ("train.centering", "sinkhorn", "train.centering: 'sinkhorn' is not"),
+    ("optim.warmup_epochs", 5, "optim.warmup_epochs: 5 epochs exceed optim.epochs=2"),
+    ("train.centering", "sinkhorn", "train.centering: 'sinkhorn' is not one of"),
     ("student.arch", "vit_huge", "student.arch: 'vit_huge' is not one of"),
-    ("mesh.fsdp", 3, "mesh: data=-1 x fsdp=3 does not fit 4 devices"),
+    ("student.remat_policy", "some", "student.remat_policy: 'some' is not one of"),
+    ("student.attention", "flash", "student.attention: 'flash' is not one of"),
+    ("student.ffn_layer", "moe", "student.ffn_layer: 'moe' is not one of"),
+    ("mesh.fsdp", 3, "mesh: mesh data=-1 x fsdp=3 does not divide 4 devices"),
     ("student.drop_path_rate", 1.5, "student.drop_path_rate: 1.5 is not in [0, 1)"),
     ("train.batch_size", 4, "train.batch_size: 4 images in 4 mask groups: KoLeo needs at least 2"),
     ("crops.color_jitter", (0.4, 0.4, 0.2, 0.7), "crops.color_jitter: (0.4, 0.4, 0.2, 0.7) is not"),
-    ("crops.grayscale_prob", 1.2, "crops.grayscale_prob: must be a probability"),
+    ("crops.grayscale_prob", 1.2, "crops.grayscale_prob: 1.2 is not in [0, 1]"),
+    ("optim.base_lr", -1.0, "optim.base_lr: -1.0 must be > 0"),
+    ("optim.weight_decay", -0.1, "optim.weight_decay: -0.1 must be >= 0"),
+    ("teacher.teacher_temp", 0.0, "teacher.teacher_temp: 0.0 must be > 0"),
+    ("teacher.momentum_teacher", 1.5, "teacher.momentum_teacher: 1.5 is not in [0, 1]"),
+    ("crops.local_crops_scale", (0.4, 0.1), "crops.local_crops_scale: (0.4, 0.1) is not an "
+                                            "ordered interval"),
+    ("ibot.separate_head", "yes", "ibot.separate_head: 'yes' is not a bool"),
 ])
 def test_bad_configs_name_the_key(key, value, message):
     config = _tiny_config()
     section, name = key.split(".")
     config[section][name] = value
-    with pytest.raises(ValueError, match=f"config error at {message}".replace("[", r"\[")
-                       .replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(configs.ConfigError, match=re.escape(f"config error at {message}")):
         configs.validate(config, device_count=4)
 
 
@@ -262,3 +327,70 @@ def test_readme_demo_learns(tmp_path):
               "trained": _linear_top1(trained, tmp_path / "trained.json")}
     print(f"demo: linear top-1 {linear['init']:.1f} -> {linear['trained']:.1f}")
     assert linear["trained"] - linear["init"] >= 5, linear
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 7 MB tmpfs (root only): room for two demo:tiny checkpoints, not three."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=7m", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_with_one_line_and_the_rerun_resumes(small_disk):
+    workdir = str(small_disk / "run")
+    args = ("-m", "dinov2_jax.main", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
+            "--config.optim.epochs=6", "--config.train.keep_checkpoints=10")
+    result = _python(*args)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: no space left writing checkpoint 12 at {workdir}/checkpoints; checkpoint 8 is "
+        "intact; rerun the same command to resume once there is space"], result.stderr[-3000:]
+    intact = _state(workdir, 8)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(intact["student"]))
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    result = _python(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 8" in result.stdout
+    assert _committed_steps(workdir)[-1] == 24
+
+
+def _children(pid):
+    """PIDs whose parent is `pid` (Linux /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_data_workers_exit_when_the_trainer_is_killed(tmp_path):
+    workdir = str(tmp_path / "workers")
+    process = _start(workdir, "--config.train.num_workers=2")
+    _wait_for_checkpoint(process, workdir, after=0)
+    workers = _children(process.pid)
+    assert len(workers) >= 2, workers  # the two Grain workers (and maybe a resource tracker)
+    process.kill()
+    process.wait()
+    deadline = time.time() + 5
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _alive(pid)], "a data worker outlived the trainer"

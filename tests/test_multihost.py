@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -120,8 +121,7 @@ def test_global_batch_joins_the_hosts_in_order(tmp_path):
 HOSTS_CONCATENATED = textwrap.dedent("""
     import grain
     import numpy as np
-    from absl import app
-    from dinov2_jax import main
+    from dinov2_jax import cli, main
     from dinov2_jax.data import pipeline
 
     HOSTS = 2
@@ -154,7 +154,7 @@ HOSTS_CONCATENATED = textwrap.dedent("""
 
 
     pipeline.make_train_iterator = HostsConcatenated
-    app.run(main.main)
+    cli.run(main.main)
 """)
 
 
@@ -193,3 +193,61 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
                               {s: reference_losses[s] for s in resumed_losses}) < TOLERANCE
     assert max_relative_error(read_state(resumed, 6), reference_state) < TOLERANCE
     assert np.isfinite(reference_losses[6]["total_loss"])
+
+
+def _process(launcher, process_id):
+    """The PID of the launcher's child that runs --process_id=`process_id`."""
+    for _ in range(600):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if parent == launcher.pid and f"--process_id={process_id}".encode() in args:
+                return int(entry)
+        time.sleep(0.1)
+    raise AssertionError(f"no process {process_id} under the launcher")
+
+
+# SIGTERM lands after the first logged steps and well before the end (checkpoints only on
+# preemption and at the end).
+PREEMPT_FLAGS = [*FLAGS[:4], "--config.train.checkpoint_every=1000",
+                 "--config.train.total_steps=24", *FLAGS[-2:]]
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_saves_the_same_step_on_both_and_resumes_exactly(tmp_path):
+    """JAX's preemption sync manager: a SIGTERM to process 1 only makes both processes save
+    the same step and exit 0; the rerun resumes there and ends where an uninterrupted
+    2-process run ends, bit for bit."""
+    cache = tmp_path / "cache"
+    full, preempted = tmp_path / "full", tmp_path / "preempted"
+    _finish([_launch([LAUNCHER, "2", f"--workdir={full}", *PREEMPT_FLAGS], _env(cache),
+                     tmp_path / "full.log")])
+    launcher, log = _launch([LAUNCHER, "2", f"--workdir={preempted}", *PREEMPT_FLAGS],
+                            _env(cache), tmp_path / "preempted.log")
+    host_1 = _process(launcher, 1)
+    metrics = preempted / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert launcher.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    os.kill(host_1, signal.SIGTERM)
+    _finish([(launcher, log)])
+    saved = sorted(int(name) for name in os.listdir(preempted / "checkpoints"))
+    assert len(saved) == 1 and saved[0] < 24, saved
+    # Both hosts wrote their shard of the same step: one data-iterator state each.
+    assert sorted(os.listdir(preempted / "checkpoints" / str(saved[0]) / "data_iter")) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+    assert f"preempted: saved step {saved[0]}" in log.read_text()
+    assert "Reached preemption sync point" in (preempted / "process_1.log").read_text()
+    _finish([_launch([LAUNCHER, "2", f"--workdir={preempted}", *PREEMPT_FLAGS], _env(cache),
+                     tmp_path / "resumed.log")])
+    assert f"resumed from step {saved[0]}" in (tmp_path / "resumed.log").read_text()
+    assert read_losses(preempted)[24] == read_losses(full)[24]
+    assert max_relative_error(read_state(preempted, 24), read_state(full, 24)) == 0

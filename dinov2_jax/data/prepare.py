@@ -2,6 +2,8 @@
 
   python -m dinov2_jax.data.prepare --images DIR --output DIR [--shards N] [--threads N]
 
+DIR may be a local folder or gs://bucket/path (etils.epath) on either side.
+
 Every image under DIR (recursive; jpg/jpeg/png/webp/bmp) is read and decoded once to
 validate it; valid files are stored with their original bytes, their label (the index of
 their top-level sub-folder, sorted as torchvision's ImageFolder; -1 for files directly under
@@ -9,19 +11,25 @@ DIR) and their path relative to DIR. Files that cannot be read or decoded are sk
 reported with the reason. Output:
 
   OUTPUT/images-00000-of-0000N.array_record ...   records in sources.encode_record format
-  OUTPUT/metadata.json                            classes, counts, and every skipped file
+  OUTPUT/metadata.json                            classes, counts (per shard too), and every
+                                                  skipped file
 
 Train on it with `--config.train.dataset='arrayrecord:OUTPUT/*.array_record'`.
 """
-import argparse
 import concurrent.futures
 import json
 import math
 import os
-import sys
-import time
+import tempfile
 
+import tqdm
+from absl import flags
+from array_record.python import array_record_module
+from etils import epath
+
+from dinov2_jax import cli
 from dinov2_jax.data import sources
+from dinov2_jax.errors import ConfigError
 
 RECORDS_PER_SHARD = 1024
 
@@ -29,8 +37,7 @@ RECORDS_PER_SHARD = 1024
 def validate(path: str) -> tuple[bytes | None, str | None]:
     """(file bytes, None) when the file decodes, else (None, why it was skipped)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = epath.Path(path).read_bytes()
     except OSError as e:
         return None, f"cannot read file: {e}"
     try:
@@ -40,57 +47,58 @@ def validate(path: str) -> tuple[bytes | None, str | None]:
     return data, None
 
 
-class Progress:
-    """Prints one progress line to stderr at most every `interval_s` seconds."""
-
-    def __init__(self, total: int, interval_s: float = 2.0):
-        self.total, self.interval_s = total, interval_s
-        self.start = self.last = time.monotonic()
-
-    def update(self, done: int, skipped: int, shard: int, num_shards: int, force=False) -> None:
-        now = time.monotonic()
-        if force or now - self.last >= self.interval_s:
-            self.last = now
-            rate = done / max(now - self.start, 1e-9)
-            print(f"[prepare] {done}/{self.total} files, {skipped} skipped, shard {shard}/{num_shards}"
-                  f", {rate:.0f} files/s", file=sys.stderr, flush=True)
+def _write_shard(path: epath.Path, records: list[bytes]) -> None:
+    """Writes one ArrayRecord shard; to an object store (gs://) through a local temp file,
+    since the ArrayRecord writer writes local files only."""
+    local = "://" not in str(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        target = str(path) if local else os.path.join(tmp, path.name)
+        writer = array_record_module.ArrayRecordWriter(target, "group_size:1")
+        for record in records:
+            writer.write(record)
+        writer.close()
+        if not local:
+            epath.Path(target).copy(path, overwrite=True)
 
 
 def prepare(images: str, output: str, num_shards: int | None = None,
             threads: int | None = None) -> dict:
-    """Writes the shards and metadata.json; returns the metadata."""
-    from array_record.python import array_record_module  # Only the writer needs it.
+    """Writes the shards and metadata.json (local or gs:// paths); returns the metadata."""
     paths, classes = sources.list_image_files(images)
     if not paths:
-        raise ValueError(f"--images {images!r} holds no images with extensions "
-                         f"{', '.join(sources.IMAGE_EXTENSIONS)}")
+        raise ConfigError(f"--images {images!r} holds no images with extensions "
+                          f"{', '.join(sources.IMAGE_EXTENSIONS)}")
     num_shards = num_shards or math.ceil(len(paths) / RECORDS_PER_SHARD)
     if not 1 <= num_shards <= len(paths):
-        raise ValueError(f"--shards must be in [1, {len(paths)}] for {len(paths)} files")
-    os.makedirs(output, exist_ok=True)
+        raise ConfigError(f"--shards must be in [1, {len(paths)}] for {len(paths)} files")
+    output = epath.Path(output)
+    output.mkdir(parents=True, exist_ok=True)
     class_index = {name: i for i, name in enumerate(classes)}
-    progress = Progress(len(paths))
-    written, skipped, shard_paths = 0, [], []
+    skipped, shard_records = [], {}
+    progress = tqdm.tqdm(total=len(paths), desc="prepare", unit="file")
     with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
         for shard in range(num_shards):
-            shard_files = paths[shard * len(paths) // num_shards:(shard + 1) * len(paths) // num_shards]
-            shard_path = os.path.join(output, f"images-{shard:05d}-of-{num_shards:05d}.array_record")
-            writer = array_record_module.ArrayRecordWriter(shard_path, "group_size:1")
+            shard_files = paths[shard * len(paths) // num_shards:
+                                (shard + 1) * len(paths) // num_shards]
+            records = []
             for path, (data, reason) in zip(shard_files, pool.map(validate, shard_files)):
+                progress.update()
                 if data is None:
                     skipped.append({"path": path, "reason": reason})
                     continue
                 label = sources.folder_label(path, images, class_index)
-                writer.write(sources.encode_record(data, label, os.path.relpath(path, images)))
-                written += 1
-            writer.close()
-            shard_paths.append(shard_path)
-            progress.update(written + len(skipped), len(skipped), shard + 1, num_shards)
-    progress.update(written + len(skipped), len(skipped), num_shards, num_shards, force=True)
-    metadata = {"images": os.path.abspath(images), "num_records": written, "classes": classes,
-                "shards": [os.path.basename(p) for p in shard_paths], "skipped": skipped}
-    with open(os.path.join(output, "metadata.json"), "w") as f:
-        json.dump(metadata, f, indent=1)
+                key = str(epath.Path(path).relative_to(epath.Path(images)))
+                records.append(sources.encode_record(data, label, key))
+            shard_path = output / f"images-{shard:05d}-of-{num_shards:05d}.array_record"
+            _write_shard(shard_path, records)
+            shard_records[shard_path.name] = len(records)
+            progress.set_postfix(skipped=len(skipped), shard=f"{shard + 1}/{num_shards}")
+    progress.close()
+    metadata = {"images": images if "://" in images else os.path.abspath(images),
+                "num_records": sum(shard_records.values()), "classes": classes,
+                "shards": list(shard_records), "shard_records": shard_records,
+                "skipped": skipped}
+    (output / "metadata.json").write_text(json.dumps(metadata, indent=1))
     return metadata
 
 
@@ -99,26 +107,27 @@ def report(metadata: dict, output: str) -> str:
              f"{output} ({len(metadata['classes'])} classes); skipped {len(metadata['skipped'])} "
              f"files"]
     lines += [f"  skipped {s['path']}: {s['reason']}" for s in metadata["skipped"]]
-    lines.append(f"source string: arrayrecord:{os.path.join(output, '*.array_record')}")
+    lines.append(f"source string: arrayrecord:{epath.Path(output) / '*.array_record'}")
     return "\n".join(lines)
 
 
+def _define(flag_values):
+    flags.DEFINE_string("images", None, "folder of images (class sub-folders give labels), "
+                        "local or gs://", flag_values=flag_values, required=True)
+    flags.DEFINE_string("output", None, "folder for the shards, local or gs://",
+                        flag_values=flag_values, required=True)
+    flags.DEFINE_integer("shards", None, f"number of shards (default: one per "
+                         f"{RECORDS_PER_SHARD} files)", flag_values=flag_values)
+    flags.DEFINE_integer("threads", None, "decoding threads (default: CPU count)",
+                         flag_values=flag_values)
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", required=True, help="folder of images (class sub-folders "
-                        "give labels)")
-    parser.add_argument("--output", required=True, help="folder for the shards")
-    parser.add_argument("--shards", type=int, default=None,
-                        help=f"number of shards (default: one per {RECORDS_PER_SHARD} files)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="decoding threads (default: CPU count)")
-    args = parser.parse_args(argv)
-    try:
-        metadata = prepare(args.images, args.output, args.shards, args.threads)
-    except ValueError as e:
-        parser.error(str(e))
-    print(report(metadata, args.output))
+    flag_values = cli.parse(argv, _define, __doc__)
+    metadata = prepare(flag_values.images, flag_values.output, flag_values.shards,
+                       flag_values.threads)
+    print(report(metadata, flag_values.output))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

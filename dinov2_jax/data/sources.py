@@ -3,8 +3,9 @@
 A source string selects the data:
 
   demo[:train|val][:num_images=N][:image_size=S]   the embedded synthetic dataset (demo.py)
-  folder:/path                                      an image folder, scanned recursively
+  folder:/path                                      an image folder, scanned recursively (or gs://...)
   arrayrecord:/path/*.array_record                  shards written by `python -m dinov2_jax.data.prepare`
+                                                    (a gs://bucket/... pattern works too)
   tfds:NAME:SPLIT[:data_dir=/x][:image_key=image][:label_key=label]
                                                     a TFDS dataset prepared in array_record format,
                                                     read TF-free with `tfds.data_source`. NAME may
@@ -22,15 +23,21 @@ ArrayRecord entry); `decode_record` turns such records into `BadRecordError`.
 PIL mode is converted (alpha dropped as PIL's convert("RGB") does, 16-bit scaled to 8-bit),
 and corrupt, truncated or zero-byte data raises `CorruptImageError`.
 """
-import glob
+import concurrent.futures
 import io
 import json
 import os
 import re
 import struct
 
+import grain
 import numpy as np
+from absl import logging
+from array_record.python import array_record_module
+from etils import epath
 from PIL import Image
+
+from dinov2_jax.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 UNKNOWN_LABEL = -1
@@ -131,21 +138,29 @@ def parse_record(serialized: bytes, fallback_key: str) -> dict:
             "key": header["key"]}
 
 
-def list_image_files(root: str) -> tuple[list[str], list[str]]:
-    """Image paths under root (recursive, sorted) and the class names (top-level sub-folders)."""
-    paths = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        paths.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                     if f.lower().endswith(IMAGE_EXTENSIONS))
-    classes = sorted({os.path.relpath(p, root).split(os.sep)[0] for p in paths
-                      if os.sep in os.path.relpath(p, root)})
+def _walk_order(relative: epath.Path) -> tuple:
+    """Sort key that lists files as a sorted top-down os.walk does: a folder's own files
+    before its sub-folders, each level in name order."""
+    *folders, name = relative.parts
+    return tuple((1, folder) for folder in folders) + ((0, name),)
+
+
+def list_image_files(root) -> tuple[list[str], list[str]]:
+    """Image paths under root (recursive, sorted) and the class names (top-level sub-folders).
+
+    `root` is a local path or a URL (gs://...) that etils.epath reads."""
+    root = epath.Path(root)
+    relative = sorted(((folder / name).relative_to(root) for folder, _, names in root.walk()
+                       for name in names if name.lower().endswith(IMAGE_EXTENSIONS)),
+                      key=_walk_order)
+    paths = [str(root / p) for p in relative]
+    classes = sorted({p.parts[0] for p in relative if len(p.parts) > 1})
     return paths, classes
 
 
 def folder_label(path: str, root: str, class_index: dict[str, int]) -> int:
     """Label of a file: index of its top-level sub-folder, -1 for files directly under root."""
-    parts = os.path.relpath(path, root).split(os.sep)
+    parts = epath.Path(path).relative_to(epath.Path(root)).parts
     return class_index[parts[0]] if len(parts) > 1 else UNKNOWN_LABEL
 
 
@@ -157,7 +172,7 @@ class FolderSource:
     """
 
     def __init__(self, root: str):
-        if not os.path.isdir(root):
+        if not epath.Path(root).is_dir():
             raise ValueError(f"folder source {root!r} is not a directory")
         self.root = root
         self.paths, self.classes = list_image_files(root)
@@ -173,28 +188,93 @@ class FolderSource:
         path = self.paths[index]
         label = folder_label(path, self.root, self._class_index)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = epath.Path(path).read_bytes()
         except OSError as e:
             return {"image": None, "label": label, "key": path, "error": f"cannot read file: {e}"}
         return {"image": data, "label": label, "key": path}
 
 
-class ArrayRecordSource:
-    """ArrayRecord shards of image records written by `dinov2_jax.data.prepare`."""
+def glob(pattern: str) -> list[str]:
+    """Sorted paths matching a glob pattern, local or a URL (gs://bucket/dir/*.array_record)."""
+    path = epath.Path(pattern)
+    parts = path.parts
+    first = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), None)
+    if first is None:
+        return [pattern] if path.exists() else []
+    base = epath.Path(*parts[:first]) if first else epath.Path(".")
+    return sorted(str(p) if first else os.path.relpath(str(p))
+                  for p in base.glob("/".join(parts[first:])))
 
-    def __init__(self, pattern: str):
-        import grain  # Imported here: only this source needs array_record.
-        self.paths = sorted(glob.glob(pattern))
+
+class BadShardError(ConfigError):
+    """An ArrayRecord shard that cannot be opened (truncated, corrupt, not ArrayRecord)."""
+
+
+class ArrayRecordSource:
+    """ArrayRecord shards of image records written by `dinov2_jax.data.prepare`.
+
+    Every shard is opened when the source opens. A shard that cannot be (a partial copy cut
+    off mid-file, corrupt bytes) is a BadShardError naming it, or, with `skip_bad_shards`, a
+    warning: the source goes on without it and counts its records (from the shards'
+    metadata.json, when prepare wrote one) in `skipped_records`.
+    """
+
+    def __init__(self, pattern: str, skip_bad_shards: bool = False):
+        self.paths = glob(pattern)
         if not self.paths:
             raise ValueError(f"arrayrecord source {pattern!r} matches no files")
+        self.skipped_shards, self.skipped_records = [], 0
+        bad = _unreadable_shards(self.paths)
+        for path, reason in bad:
+            if not skip_bad_shards:
+                raise BadShardError(
+                    f"arrayrecord shard {path} cannot be read ({reason}): it is truncated or "
+                    "corrupt, e.g. a partial copy. Copy it again or re-create it with `python -m "
+                    "dinov2_jax.data.prepare`, or set train.skip_bad_shards=True to train "
+                    "without it")
+            records = _records_in_metadata(path)
+            logging.warning("skipping unreadable arrayrecord shard %s (%s)%s", path, reason,
+                            "" if records is None else f": {records} records skipped")
+            self.skipped_shards.append(path)
+            self.skipped_records += records or 0
+        self.paths = [p for p in self.paths if p not in self.skipped_shards]
+        if not self.paths:
+            raise BadShardError(f"arrayrecord source {pattern!r}: no readable shard")
         self._records = grain.sources.ArrayRecordDataSource(self.paths)
 
     def __len__(self) -> int:
         return len(self._records)
 
     def __getitem__(self, index: int) -> dict:
-        return parse_record(self._records[index], fallback_key=f"arrayrecord[{index}]")
+        key = f"arrayrecord[{index}]"
+        try:
+            serialized = self._records[index]
+        except Exception as e:  # A read error inside a shard is one bad record, not a crash.
+            return {"image": None, "label": UNKNOWN_LABEL, "key": key,
+                    "error": f"cannot read ArrayRecord entry: {type(e).__name__}: {e}"}
+        return parse_record(serialized, fallback_key=key)
+
+
+def _unreadable_shards(paths: list[str]) -> list[tuple[str, str]]:
+    """(path, reason) of each shard whose ArrayRecord footer and index cannot be read."""
+    def check(path):
+        try:
+            array_record_module.ArrayRecordReader(path).close()
+        except Exception as e:  # Riegeli reports every kind of damage as a plain error.
+            return path, (" ".join(str(e).split())[:300] or type(e).__name__)
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        return [bad for bad in pool.map(check, paths) if bad is not None]
+
+
+def _records_in_metadata(shard: str) -> int | None:
+    """The shard's record count from the metadata.json that prepare writes beside it."""
+    metadata = epath.Path(shard).parent / "metadata.json"
+    try:
+        return json.loads(metadata.read_text())["shard_records"][epath.Path(shard).name]
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 class TfdsSource:
@@ -241,8 +321,11 @@ def _split_options(parts: list[str], allowed: tuple[str, ...], spec: str):
     return positional, options
 
 
-def open_source(spec: str):
-    """Parses a source string (see the module docstring) and returns the random-access source."""
+def open_source(spec: str, skip_bad_shards: bool = False):
+    """Parses a source string (see the module docstring) and returns the random-access source.
+
+    `skip_bad_shards`: an unreadable ArrayRecord shard is skipped with a warning instead of
+    raising BadShardError (train.skip_bad_shards)."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"source must be a non-empty string, got {spec!r}")
     kind, _, rest = spec.partition(":")
@@ -264,7 +347,7 @@ def open_source(spec: str):
     if kind == "arrayrecord":
         if not rest:
             raise ValueError(f"source {spec!r}: expected arrayrecord:/path/*.array_record")
-        return ArrayRecordSource(rest)
+        return ArrayRecordSource(rest, skip_bad_shards)
     if kind == "tfds":
         parts = re.split(r":(?![^\[]*\])", rest)  # Colons inside a split slice [..] stay.
         positional, options = _split_options(parts, ("data_dir", "image_key", "label_key"), spec)

@@ -1,27 +1,58 @@
-"""Metrics out of the loop: one console line per interval and `metrics.jsonl` in the workdir.
+"""Metrics out of the loop: one console line per interval, `metrics.jsonl` in the workdir, and
+TensorBoard event files beside it when the `tensorboard` extra is installed.
 
 Only process 0 writes. Each JSONL line is a dict with `step` and scalar values; the console
-line shows step/total, losses, lr, teacher temperature, img/s, MFU and ETA.
+line shows step/total, losses, lr, teacher temperature, img/s, MFU and ETA. The workdir is an
+`etils.epath` path: a local file is appended to; an object store (gs://) cannot append, so
+there the file is rewritten whole at each write. TensorBoard events are written for local
+workdirs (tensorboardX writes local files only).
 """
 import datetime
 import json
-import os
+import numbers
 
 import jax
 import numpy as np
+from etils import epath
+
+try:  # The optional `tensorboard` extra: event files without TensorFlow.
+    from tensorboardX import SummaryWriter
+except ImportError:
+    SummaryWriter = None
 
 
 class MetricWriter:
     def __init__(self, workdir):
         self._active = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self._local = "://" not in str(self.path)
+        self._lines = None  # what a rewritten (object store) file holds
+        self._tensorboard = None
+        if self._active and SummaryWriter is not None and self._local:
+            self._tensorboard = SummaryWriter(str(self.path.parent / "tensorboard"))
 
     def write(self, step, values):
         if not self._active:
             return
         line = {"step": int(step), **{k: _scalar(v) for k, v in values.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        text = json.dumps(line) + "\n"
+        if self._local:
+            with self.path.open("a") as f:
+                f.write(text)
+        else:
+            if self._lines is None:
+                self._lines = self.path.read_text() if self.path.exists() else ""
+            self._lines += text
+            self.path.write_text(self._lines)
+        if self._tensorboard is not None:
+            for name, value in line.items():
+                if name != "step" and isinstance(value, numbers.Real):
+                    self._tensorboard.add_scalar(name, value, int(step))
+            self._tensorboard.flush()
+
+    def close(self):
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
     def console(self, message):
         if self._active:
