@@ -38,8 +38,10 @@ SPREAD_LAYERS = {12: (2, 5, 8, 11), 24: (4, 11, 17, 23), 40: (9, 19, 29, 39)}
 
 def block_indices(depth, layers, spread):
     """Blocks whose outputs a head reads: the last `layers`, or (spread) evenly spaced."""
-    if layers not in (1, 4) or layers > depth:
-        raise ConfigError(f"layers={layers} must be 1 or 4 (and at most the depth {depth})")
+    if layers not in (1, 4):
+        raise ConfigError(f"layers={layers} must be 1 or 4")
+    if layers > depth:
+        raise ConfigError(f"layers={layers} needs a backbone of 4 or more blocks, not {depth}")
     if layers == 1:
         return (depth - 1,)
     if spread:
@@ -274,8 +276,11 @@ def train_head(head, loss_fn, data, *, steps, batch_size, lr, weight_decay, warm
 # Prediction of one image from its cached windows.
 
 
-def _stitch(maps, boxes, canvas_shape, flip):
-    """Average of window maps (n, S, S, K) over a canvas; windows may run past its border."""
+def stitch_windows(maps, boxes, canvas_shape, flip):
+    """Average of window maps (n, S, S, K) at `boxes` over a canvas_shape canvas, overlaps
+    averaged as mmseg's slide inference does (windows may run past the border); mirrored
+    back when the view was flipped."""
+    maps, boxes = jnp.asarray(maps), jnp.asarray(boxes)
     size = maps.shape[1]
     padded_shape = (max(canvas_shape[0], size), max(canvas_shape[1], size), maps.shape[-1])
 
@@ -309,7 +314,7 @@ def predict_image(variables, patch, cls, boxes, *, window_maps, view_specs, out_
     maps = window_maps(variables, patch, cls)
     total = 0.0
     for start, count, shape, flip in view_specs:
-        canvas = _stitch(maps[start:start + count], boxes[start:start + count], shape, flip)
+        canvas = stitch_windows(maps[start:start + count], boxes[start:start + count], shape, flip)
         total = total + post(resize_bilinear(canvas, out_shape))
     return total / len(view_specs)
 

@@ -223,14 +223,19 @@ def _nyu_pairs(root, split_file, spec):
                 continue
             pairs.append((root / fields[0].lstrip("/"), root / fields[1].lstrip("/")))
         return pairs, unpaired
-    pairs, unpaired = [], 0
-    for rgb in sorted(root.rglob("rgb_*.jpg")):
-        depth = rgb.with_name("sync_depth_" + rgb.stem[len("rgb_"):] + ".png")
-        if depth.exists():
-            pairs.append((rgb, depth))
-        else:
-            unpaired += 1
-    return pairs, unpaired
+    pairs, unpaired, folders = [], 0, [root]
+    while folders:  # A walk: epath has no recursive glob on every filesystem.
+        entries = sorted(folders.pop().iterdir())
+        folders.extend(entry for entry in entries if entry.is_dir())
+        names = {entry.name for entry in entries}
+        for rgb in entries:
+            if rgb.name.startswith("rgb_") and rgb.suffix == ".jpg":
+                depth = "sync_depth_" + rgb.stem[len("rgb_"):] + ".png"
+                if depth in names:
+                    pairs.append((rgb, rgb.parent / depth))
+                else:
+                    unpaired += 1
+    return sorted(pairs), unpaired
 
 
 def open_dense_source(spec):
