@@ -102,7 +102,7 @@ def test_kmeans_resumes_from_the_last_complete_level_after_kill_9(tmp_path, caps
     points = centres[rng.integers(0, 100, 8000)] + 0.3 * rng.normal(size=(8000, 32))
     np.save(tmp_path / "points.npy", points.astype(np.float32))
     argv = [f"--embeddings={tmp_path / 'points.npy'}", "--levels=200,40,8", "--iterations=10",
-            "--resampling=1", "--resampling_size=5", "--noprogress"]
+            "--init=random", "--noprogress"]
     for attempt in range(3):
         output = tmp_path / f"killed-{attempt}"
         process = _start("kmeans", *argv, f"--output={output}")

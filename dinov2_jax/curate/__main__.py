@@ -229,8 +229,6 @@ def _run_recipe(f):
             continue
         print(f"[{number}/{len(stages)}] {command_line}", flush=True)
         COMMANDS[argv[0]][1](cli.parse([f"curate {argv[0]}", *argv[1:]], COMMANDS[argv[0]][0]))
-    print(f"curated dataset: train with --config.train.dataset="
-          f"'arrayrecord:{workdir / 'curated' / '*.array_record'}'")
 
 
 _DONE_MARKERS = {"dedup": lambda output: output, "sample": lambda output: output,
