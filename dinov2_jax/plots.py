@@ -7,6 +7,8 @@
                                 DINOv2 paper's figure: a first PCA separates foreground from
                                 background, a second PCA on the foreground patches colours it
   plot_neighbors                a grid of query images and their nearest neighbours
+  plot_dense_predictions        image, ground truth and prediction per row, for the
+                                segmentation and depth probes
 
 Images are the normalised NHWC float32 arrays the models take; `to_display` undoes the
 ImageNet normalisation. Every plot function returns its matplotlib Figure.
@@ -153,6 +155,46 @@ def plot_neighbors(query_images, neighbor_images, *, similarities=None, query_la
             ax.set_title(" ".join(parts), fontsize="small")
         for ax in axes[q]:
             ax.axis("off")
+    figure.tight_layout()
+    return figure
+
+
+def plot_dense_predictions(images, targets, predictions, *, kind="segmentation",
+                           num_classes=None, ignore_index=255, figsize_per_image=2.2):
+    """Row i: image i (uint8 RGB, or normalised float), its ground truth and the prediction.
+
+    Segmentation: classes in a qualitative colour map over `num_classes` (default: the
+    largest class shown + 1), ignored pixels black. Depth: metres in one colour scale per
+    row (near bright), pixels without depth (0) black."""
+    import matplotlib.pyplot as plt
+    if kind not in ("segmentation", "depth"):
+        raise ValueError(f"kind must be 'segmentation' or 'depth', got {kind!r}")
+    count = len(images)
+    figure, axes = plt.subplots(count, 3, squeeze=False,
+                                figsize=(3 * figsize_per_image, count * figsize_per_image))
+    if kind == "segmentation" and num_classes is None:
+        num_classes = 1 + max(int(np.max(np.where(np.asarray(t) == ignore_index, 0, t)))
+                              for t in (*targets, *predictions))
+    for i in range(count):
+        image = np.asarray(images[i])
+        axes[i, 0].imshow(image if image.dtype == np.uint8 else to_display(image))
+        target, prediction = np.asarray(targets[i]), np.asarray(predictions[i])
+        if kind == "segmentation":
+            cmap = plt.get_cmap("tab20", max(num_classes, 2)).with_extremes(bad="black")
+            for ax, labels in ((axes[i, 1], target), (axes[i, 2], prediction)):
+                ax.imshow(np.ma.masked_equal(labels, ignore_index), cmap=cmap, vmin=0,
+                          vmax=max(num_classes, 2) - 1, interpolation="nearest")
+        else:
+            known = target[target > 0]
+            low, high = (known.min(), known.max()) if known.size else (0.0, 1.0)
+            cmap = plt.get_cmap("magma_r").with_extremes(bad="black")
+            for ax, depth in ((axes[i, 1], np.ma.masked_less_equal(target, 0)),
+                              (axes[i, 2], prediction)):
+                ax.imshow(depth, cmap=cmap, vmin=low, vmax=high)
+        for ax in axes[i]:
+            ax.axis("off")
+    for ax, title in zip(axes[0], ("image", "ground truth", "prediction")):
+        ax.set_title(title, loc="left", fontsize="small")
     figure.tight_layout()
     return figure
 
