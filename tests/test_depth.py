@@ -13,7 +13,7 @@ from PIL import Image
 
 from dinov2_jax import weights
 from dinov2_jax.configs import ConfigError
-from dinov2_jax.eval import dense, dense_data, depth
+from dinov2_jax.eval import dense, dense_callback, dense_data, depth
 from dinov2_jax.models import vit
 from tiny_params import random_params
 
@@ -148,3 +148,19 @@ def test_wrong_sources_are_clear_errors(tmp_path):
         dense_data.open_dense_source(f"depthfolder:{tmp_path}")
     with pytest.raises(ConfigError, match="unknown option 'scal'"):
         dense_data.open_dense_source(f"depthfolder:{tmp_path}:scal=3")
+
+
+def test_in_training_call_returns_both_probes(depth_sets, tmp_path):
+    train, val, model, params = depth_sets
+    scenes = dense_data.write_shapes_dataset(tmp_path / "ade", "training", 8, SIZE)
+    dense_data.write_shapes_dataset(scenes, "validation", 4, SIZE)
+    results = dense_callback.evaluate(
+        model, params, segmentation_train=f"ade20k:{scenes}:training:num_classes=4",
+        segmentation_val=f"ade20k:{scenes}:validation:num_classes=4",
+        depth_train=f"depthfolder:{train}", depth_val=f"depthfolder:{val}", image_size=SIZE,
+        steps=10, progress=False)
+    assert 0.0 <= results["segmentation/mIoU"] <= 100.0 and results["depth/rmse"] > 0.0
+    assert all(isinstance(value, float) for value in results.values())
+    with pytest.raises(ConfigError, match="must be set together"):
+        dense_callback.evaluate(model, params, depth_train=f"depthfolder:{train}",
+                                image_size=SIZE)
