@@ -17,7 +17,6 @@ compares dinov2_jax's images per core (decode, augmentation, collation, masks, n
 and for the workers row the transfer to the main process, included) with the reference's
 (decode and augmentation only).
 """
-import argparse
 import glob
 import multiprocessing
 import os
@@ -25,7 +24,7 @@ import time
 
 from absl import flags
 
-from dinov2_jax import configs
+from dinov2_jax import cli, configs
 from dinov2_jax.data import pipeline
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -141,18 +140,21 @@ def reference_fn(augmentation, paths: list[str]):
     return run
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", required=True, help="folder of JPEGs")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=4,
-                        help="alternating in-process / reference rounds")
-    parser.add_argument("--batches_per_round", type=int, default=2)
-    parser.add_argument("--batches", type=int, default=16,
-                        help="batches of the uninterrupted wall-clock run with workers")
-    parser.add_argument("--num_workers", type=int, default=os.cpu_count())
-    args = parser.parse_args()
-    flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags.
+def _define(flag_values):
+    flags.DEFINE_string("images", None, "folder of JPEGs", flag_values=flag_values,
+                        required=True)
+    flags.DEFINE_integer("batch_size", 32, "images per batch", flag_values=flag_values)
+    flags.DEFINE_integer("rounds", 4, "alternating in-process / reference rounds",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("batches_per_round", 2, "batches per round", flag_values=flag_values)
+    flags.DEFINE_integer("batches", 16, "batches of the uninterrupted wall-clock run with "
+                         "workers", flag_values=flag_values)
+    flags.DEFINE_integer("num_workers", os.cpu_count(), "data worker processes",
+                         flag_values=flag_values)
+
+
+def main(argv):
+    args = cli.parse(argv, _define, __doc__)
     paths = sorted(p for p in glob.glob(os.path.join(args.images, "**", "*"), recursive=True)
                    if p.lower().endswith((".jpg", ".jpeg")))
     if not paths:
@@ -212,4 +214,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -9,16 +9,16 @@ estimated with the formula of docs/scaling.md from the model's dimensions.
   python benchmarks/memory.py                        # ViT-g/14, vitg14 recipe, batch 3072
   python benchmarks/memory.py --config=configs/vitl14.py --batch_size=2048
 """
-import argparse
 import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from jax.sharding import AbstractMesh, AxisType
 
-from dinov2_jax import configs, parallel
+from dinov2_jax import cli, configs, parallel
 from dinov2_jax.data import masking
 from dinov2_jax.models import vit
 from dinov2_jax.train import setup as setup_lib
@@ -154,13 +154,15 @@ def print_tables(config, networks, state, machines):
             f"{sum(rows.values()) / machine.hbm_bytes:18.1%}" for _, _, rows in results) + " |")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/vitg14.py",
-                        help="recipe file[:arg], as for dinov2_jax.main")
-    parser.add_argument("--batch_size", type=int, default=0,
-                        help="global batch; 0 keeps the recipe's")
-    args = parser.parse_args()
+def _define(flag_values):
+    flags.DEFINE_string("config", "configs/vitg14.py", "recipe file[:arg], as for "
+                        "dinov2_jax.main", flag_values=flag_values)
+    flags.DEFINE_integer("batch_size", 0, "global batch; 0 keeps the recipe's",
+                         flag_values=flag_values)
+
+
+def main(argv):
+    args = cli.parse(argv, _define, __doc__)
     config = configs.load(args.config)
     if args.batch_size:
         config.train.batch_size = args.batch_size
@@ -170,4 +172,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -37,6 +37,7 @@ from array_record.python import array_record_module
 from etils import epath
 from PIL import Image
 
+from dinov2_jax.data import demo, natural
 from dinov2_jax.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -330,7 +331,6 @@ def open_source(spec: str, skip_bad_shards: bool = False):
         raise ValueError(f"source must be a non-empty string, got {spec!r}")
     kind, _, rest = spec.partition(":")
     if kind == "demo":
-        from dinov2_jax.data import demo  # demo imports this module for its record format.
         positional, options = _split_options(rest.split(":") if rest else [],
                                              ("num_images", "image_size", "seed"), spec)
         if len(positional) > 1 or (positional and positional[0] not in demo.SPLITS):
@@ -340,6 +340,8 @@ def open_source(spec: str, skip_bad_shards: bool = False):
         except ValueError as e:
             raise ValueError(f"source {spec!r}: demo options must be integers ({e})") from e
         return demo.DemoSource(split=positional[0] if positional else "train", **int_options)
+    if kind == "natural":
+        return natural.NaturalSource.from_spec(spec)
     if kind == "folder":
         if not rest:
             raise ValueError(f"source {spec!r}: expected folder:/path/to/images")

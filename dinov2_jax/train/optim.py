@@ -1,5 +1,6 @@
-"""The DINOv2 optimizer (spec §4.3): per-module gradient clipping, then AdamW with the
-reference's parameter groups (layer-wise lr decay, patch-embed lr multiplier, no weight decay
+"""The DINOv2 optimizer (docs/reference.md, Optimizer; the reference's `dinov2/train/` and
+`dinov2/utils/param_groups.py`): per-module gradient clipping, then AdamW with the reference's
+parameter groups (layer-wise lr decay, patch-embed lr multiplier, no weight decay
 on biases/norms/LayerScale, a separate schedule for the heads' last layer).
 
 `param_groups` derives each leaf's multipliers from its name in the student param tree
