@@ -30,7 +30,7 @@ def test_attention_pooling_solves_what_mean_pooling_cannot():
     rng = np.random.default_rng()
     prototypes = rng.normal(size=(4, 16)).astype(np.float32)
     train, train_labels = _signed_pairs(rng, 1000, prototypes)
-    val, val_labels = _signed_pairs(rng, 300, prototypes)
+    val, val_labels = _signed_pairs(rng, 320, prototypes)  # 5 full batches: one compile
     results, _ = attentive.train_probe(train, train_labels, val, val_labels, num_classes=4,
                                        epochs=10, batch_size=64, lr=3e-3, num_heads=4,
                                        progress=False)
@@ -71,7 +71,7 @@ def test_cli_writes_json(tmp_path):
     attentive.main(["attentive", f"--weights={weights_dir}", "--size=32", "--batch_size=30",
                     "--train=demo:train:num_images=60:image_size=32",
                     "--val=demo:val:num_images=30:image_size=32", "--epochs=2",
-                    "--head_batch_size=20", "--num_heads=4", "--with_cls",
+                    "--head_batch_size=15", "--num_heads=4", "--with_cls",
                     f"--output={output}"])
     record = json.loads(output.read_text())
     assert record["epochs"] == 2

@@ -233,8 +233,9 @@ def train_head(head, loss_fn, data, *, steps, batch_size, lr, weight_decay, warm
     mesh = Mesh(np.asarray(jax.devices()), ("batch",))
     batch_size = -(-min(batch_size, count) // jax.device_count()) * jax.device_count()
     key = jax.random.key(seed)
-    variables = head.init(key, jnp.asarray(data.patch[:1], jnp.float32),
-                          jnp.asarray(data.cls[:1], jnp.float32), train=False)
+    init = jax.jit(functools.partial(head.init, train=False))  # One compile, not one per op.
+    variables = init(key, jnp.asarray(data.patch[:1], jnp.float32),
+                     jnp.asarray(data.cls[:1], jnp.float32))
     params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
     optimizer = optax.adamw(poly_schedule(lr, steps, warmup_steps), b1=0.9, b2=0.999,
                             weight_decay=weight_decay)
