@@ -51,10 +51,5 @@ def main(argv=None):
     print(f"wrote {args.output}", file=sys.stderr)
 
 
-# Temporary: eval/dense.py and curate/embed.py still call convert.load_weights; they move to
-# weights.load, then this name goes. Not part of the CLI.
-load_weights = weights.load
-
-
 if __name__ == "__main__":
     cli.run(main)
