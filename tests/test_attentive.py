@@ -32,13 +32,14 @@ def test_attention_pooling_solves_what_mean_pooling_cannot():
     train, train_labels = _signed_pairs(rng, 1000, prototypes)
     val, val_labels = _signed_pairs(rng, 320, prototypes)  # 5 full batches: one compile
     results, _ = attentive.train_probe(train, train_labels, val, val_labels, num_classes=4,
-                                       epochs=10, batch_size=64, lr=3e-3, num_heads=4,
+                                       epochs=10, batch_size=64, lr=1e-2, num_heads=4,
                                        progress=False)
     mean_train = np.c_[train["patch"].mean(axis=1), np.ones(len(train_labels))]
     mean_val = np.c_[val["patch"].mean(axis=1), np.ones(len(val_labels))]
     solution = np.linalg.lstsq(mean_train, np.eye(4)[train_labels], rcond=None)[0]
     mean_accuracy = 100 * np.mean((mean_val @ solution).argmax(axis=1) == val_labels)
-    # Measured 99 against 27 (chance 25): the query attends to +p and reads p.
+    # Measured 99-100 over 8 fresh draws against about 27 (chance 25): the query attends to
+    # +p and reads p.
     assert results["attentive/top1"] > 90 and mean_accuracy < 45
     assert results["attentive/top5"] == 100.0  # 4 classes: the top 5 hold every class
 
