@@ -16,9 +16,9 @@ from flax import traverse_util
 
 from dinov2_jax import parallel
 from dinov2_jax.errors import ConfigError
-from dinov2_jax.models import attention, vit
+from dinov2_jax.models import attention, rope, vit
 
-CENTERINGS = ("centering", "sinkhorn_knopp")
+CENTERINGS = ("centering", "sinkhorn_knopp", "none")  # "none": an ablation that collapses
 
 
 def default_config():
@@ -28,7 +28,13 @@ def default_config():
         arch="vit_large", embed_dim=0, depth=0, num_heads=0, patch_size=16, ffn_layer="mlp", layerscale=1e-5, drop_path_rate=0.3,
         drop_path_uniform=True, num_register_tokens=0, interpolate_offset=0.1,
         interpolate_antialias=False, pretrained_weights="", dtype="bfloat16",
-        remat_policy="none", attention="auto", pack_crops=False)
+        remat_policy="none", attention="auto", pack_crops=False,
+        # DINOv3 options (dinov3/models/vision_transformer.py), DINOv2 by default. RoPE
+        # settings of 0.0 are unset (the reference's null): rope_rescale=2.0 is DINOv3's.
+        pos_embed="learned", rope_base=100.0, rope_min_period=0.0, rope_max_period=0.0,
+        rope_normalize="separate", rope_shift=0.0, rope_jitter=0.0, rope_rescale=0.0,
+        qkv_bias=True, mask_k_bias=False, layernorm_eps=1e-6, swiglu_unpacked=False,
+        ffn_align=8, untie_local_cls_norm=False)
     c.dino = dict(loss_weight=1.0, head_n_prototypes=65536, head_bottleneck_dim=256,
                   head_hidden_dim=2048, head_nlayers=3, koleo_loss_weight=0.1)
     c.ibot = dict(loss_weight=1.0, mask_sample_probability=0.5, mask_ratio_min_max=(0.1, 0.5),
@@ -38,6 +44,12 @@ def default_config():
         batch_size=2048, dataset="tfds:imagenet2012:train", centering="centering",
         epoch_length=1250, seed=0, num_workers=-1, max_bad_fraction=0.01,
         bad_fraction_min_records=1000, skip_bad_shards=False,
+        # Collapse: a head's teacher whose mean per-image entropy stays >= collapse_uniform
+        # (uniform) or whose batch-mean entropy stays <= collapse_one_prototype (one
+        # prototype), both as fractions of log K, for collapse_intervals log intervals in a
+        # row (0: never) is reported; stop_on_collapse stops the run (exit 1).
+        collapse_intervals=5, collapse_uniform=0.98, collapse_one_prototype=0.05,
+        stop_on_collapse=False,
         log_every=20, checkpoint_every=3750, keep_checkpoints=3, total_steps=-1,
         mask_groups=0)  # iBOT mask groups per host; 0: one per local device (the reference's per GPU)
     c.teacher = dict(momentum_teacher=0.992, final_momentum_teacher=1.0, warmup_teacher_temp=0.04,
@@ -181,6 +193,35 @@ def _interval(config, key, low=0.0, high=1.0):
         _fail(key, f"({lo}, {hi}) is not an ordered interval in [{low}, {high}]")
 
 
+def _validate_dinov3_student(config):
+    """The DINOv3 options of config.student."""
+    s = config.student
+    _one_of(config, "student.pos_embed", vit.POS_EMBEDS)
+    _one_of(config, "student.rope_normalize", rope.NORMALIZE_MODES)
+    for key in ("qkv_bias", "mask_k_bias", "swiglu_unpacked", "untie_local_cls_norm"):
+        if not isinstance(s[key], bool):
+            _fail(f"student.{key}", f"{s[key]!r} is not a bool")
+    _positive(config, "student.layernorm_eps", "student.ffn_align")
+    _non_negative(config, "student.rope_shift", "student.rope_min_period",
+                  "student.rope_max_period")
+    for key in ("rope_jitter", "rope_rescale"):
+        if s[key] and s[key] < 1:
+            _fail(f"student.{key}", f"{s[key]}: a factor drawn in [1/x, x] needs x >= 1 "
+                  "(0 turns it off)")
+    if bool(s.rope_min_period) != bool(s.rope_max_period):
+        _fail("student.rope_min_period", "set both rope_min_period and rope_max_period, or "
+              "neither (then rope_base gives the periods)")
+    if not s.rope_min_period and not s.rope_base > 0:
+        _fail("student.rope_base", f"{s.rope_base} must be > 0")
+    if s.swiglu_unpacked and s.ffn_layer != "swiglu":
+        _fail("student.swiglu_unpacked", "needs student.ffn_layer='swiglu'")
+    embed_dim = s.embed_dim or vit.ARCHS[s.arch]["embed_dim"]
+    num_heads = s.num_heads or vit.ARCHS[s.arch]["num_heads"]
+    if s.pos_embed == "rope" and (embed_dim // num_heads) % 4:
+        _fail("student.pos_embed", f"RoPE needs a head dim divisible by 4, got "
+              f"{embed_dim} / {num_heads} heads")
+
+
 def validate(config, device_count, process_count=1):
     """Checks the config before anything is built; raises ConfigError naming the key."""
     unknown = sorted(set(_flat(config)) - set(_flat(default_config())))
@@ -192,10 +233,11 @@ def validate(config, device_count, process_count=1):
     _one_of(config, "student.dtype", vit.DTYPES)
     _one_of(config, "student.remat_policy", vit.REMAT_POLICIES)
     _one_of(config, "student.attention", attention.BACKENDS)
+    _validate_dinov3_student(config)
     _one_of(config, "train.centering", CENTERINGS)
     for key in ("student.pack_crops", "student.drop_path_uniform", "ibot.separate_head",
                 "crops.paper_blur_probs", "student.interpolate_antialias",
-                "evaluation.at_start", "train.skip_bad_shards"):
+                "evaluation.at_start", "train.skip_bad_shards", "train.stop_on_collapse"):
         if not isinstance(_get(config, key), bool):
             _fail(key, f"{_get(config, key)!r} is not a bool")
     if not s.drop_path_uniform:
@@ -214,11 +256,13 @@ def validate(config, device_count, process_count=1):
                   "optim.warmup_epochs", "optim.freeze_last_layer_epochs",
                   "teacher.warmup_teacher_temp_epochs", "dino.loss_weight",
                   "dino.koleo_loss_weight", "ibot.loss_weight", "crops.local_crops_number",
-                  "student.layerscale", "train.mask_groups", "evaluation.every")
+                  "student.layerscale", "train.mask_groups", "evaluation.every",
+                  "train.collapse_intervals")
     _in_unit_interval(config, "teacher.momentum_teacher", "teacher.final_momentum_teacher",
                       "optim.layerwise_decay", "optim.adamw_beta1", "optim.adamw_beta2",
                       "crops.grayscale_prob", "ibot.mask_sample_probability",
-                      "train.max_bad_fraction")
+                      "train.max_bad_fraction", "train.collapse_uniform",
+                      "train.collapse_one_prototype")
     if not 0 <= s.drop_path_rate < 1:
         _fail("student.drop_path_rate", f"{s.drop_path_rate} is not in [0, 1)")
     _interval(config, "ibot.mask_ratio_min_max")

@@ -11,7 +11,7 @@ batch take `axis_name` and are meant for `jax.shard_map`.
 import jax
 import jax.numpy as jnp
 
-from dinov2_jax.models import pos_embed
+from dinov2_jax.models import heads, pos_embed
 
 STUDENT_TEMP = 0.1
 CENTER_MOMENTUM = 0.9
@@ -197,11 +197,6 @@ def dino_loss_scales(n_global, n_local, ignore_diagonal=True):
     return global_terms / total, local_terms / total
 
 
-def _l2_normalize(x, eps=1e-12):
-    """torch's F.normalize: x / max(||x||, eps)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
 def gram_loss(student_patches, teacher_patches, *, img_level=True, groups=1, normalize=True,
               remove_neg=False, remove_only_teacher_neg=False):
     """DINOv3's Gram anchoring loss (`dinov3/loss/gram_loss.py`), in float32.
@@ -223,7 +218,7 @@ def gram_loss(student_patches, teacher_patches, *, img_level=True, groups=1, nor
         raise ValueError(f"gram_loss: student {student.shape} and teacher {teacher.shape} patches "
                          "must both be (B, P, D)")
     if normalize:
-        student, teacher = _l2_normalize(student), _l2_normalize(teacher)
+        student, teacher = heads.l2_normalize(student), heads.l2_normalize(teacher)
     if not img_level:
         batch, patches, dim = student.shape
         if batch % groups:
@@ -267,7 +262,7 @@ def koleo_loss_distributed(x, *, axis_name=None, group_size=None, topk=1, eps=1e
     averaged over devices (the gradient the reference's data-parallel all-reduce sees). With
     `axis_name=None`, x is the whole batch on one device.
     """
-    x = _l2_normalize(_f32(x), eps)
+    x = heads.l2_normalize(_f32(x), eps)
     local_batch = x.shape[0]
     if axis_name is None:
         all_x, rank, world = x, 0, 1

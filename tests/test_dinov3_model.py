@@ -260,3 +260,39 @@ def test_packed_crops_with_rope_equal_unpacked():
     same_length = [_images(4, 16, 32), _images(4, 32, 16)]
     with pytest.raises(ValueError, match="distinct lengths"):
         _run(model.clone(pack_crops=True), params, same_length)
+
+
+def test_head_normalisation_has_torchs_zero_gradient_at_zero_rows():
+    """A RoPE model has no position embedding: a masked patch token (zeros at init) that drop
+    path skips in every block reaches the head as zeros; the L2 norm's gradient must not be
+    NaN there (torch's F.normalize gives 0 for the norm's part)."""
+    from dinov2_jax.models import heads
+    x = np.float32(np.random.randn(3, 8))
+    x[1] = 0
+    np.testing.assert_allclose(heads.l2_normalize(x), x / np.maximum(
+        np.linalg.norm(x, axis=-1, keepdims=True), 1e-12), rtol=1e-6)
+    grads = jax.grad(lambda v: jnp.sum(heads.l2_normalize(v) * jnp.arange(8.0)))(jnp.asarray(x))
+    assert np.all(np.isfinite(grads))
+    np.testing.assert_allclose(grads[1], np.arange(8.0) / 1e-12, rtol=1e-6)
+
+
+def test_config_keys_build_the_dinov3_backbone_and_are_validated():
+    from dinov2_jax import configs
+    config = configs.default_config()
+    assert vit.backbone_from_config(config).pos_embed == "learned"  # DINOv2 by default
+    config.student.update(pos_embed="rope", rope_rescale=2.0, num_register_tokens=4,
+                          mask_k_bias=True, layernorm_eps=1e-5, ffn_layer="swiglu",
+                          swiglu_unpacked=True, ffn_align=64, untie_local_cls_norm=True)
+    configs.validate(config, 1)
+    model = vit.backbone_from_config(config)
+    assert (model.rope_rescale, model.rope_shift, model.rope_min_period) == (2.0, None, None)
+    assert model.swiglu_unpacked and model.ffn_align == 64 and model.untie_local_cls_norm
+    for key, value, message in [("student.rope_rescale", 0.5, "needs x >= 1"),
+                                ("student.pos_embed", "sincos", "not one of"),
+                                ("student.rope_max_period", 10.0, "set both"),
+                                ("student.num_heads", 8, "divisible by 4")]:
+        bad = configs.default_config()
+        bad.student.update(pos_embed="rope", embed_dim=48)  # 6 heads of 8
+        bad.update_from_flattened_dict({key: value})
+        with pytest.raises(configs.ConfigError, match=message):
+            configs.validate(bad, 1)

@@ -30,6 +30,16 @@ class WeightNormPrototypes(nn.Module):
         return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
+def l2_normalize(x, eps=1e-12):
+    """torch's F.normalize over the last axis: x / max(||x||, eps), with torch's zero gradient
+    of the norm at x = 0 (jnp.linalg.norm's is NaN there). A zero row happens: with RoPE there
+    is no position embedding, so a masked patch token (mask_token, zeros at init) of an image
+    that drop path skips in every block reaches the head as zeros."""
+    squares = jnp.sum(x * x, axis=-1, keepdims=True)
+    norm = jnp.where(squares > 0, jnp.sqrt(jnp.where(squares > 0, squares, 1.0)), 0.0)
+    return x / jnp.maximum(norm, eps)
+
+
 class DINOHead(nn.Module):
     """`nlayers` Dense layers with exact GELU between them, L2 normalisation, prototypes."""
     out_dim: int
@@ -45,6 +55,5 @@ class DINOHead(nn.Module):
             x = nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name=f"mlp_{i}")(x)
             if i < len(widths) - 1:
                 x = jax.nn.gelu(x, approximate=False)
-        x = x.astype(jnp.float32)
-        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        x = l2_normalize(x.astype(jnp.float32))
         return WeightNormPrototypes(self.out_dim, self.dtype, name="last_layer")(x)

@@ -510,10 +510,16 @@ def backbone_from_config(config):
     """The student backbone of a run config: `config.student` at `crops.global_crops_size`.
 
     student.embed_dim / depth / num_heads, when non-zero, override the arch's sizes; the
-    teacher is the same module (its drop path is off outside training).
+    teacher is the same module (its drop path is off outside training). RoPE settings of 0.0
+    are unset.
     """
     student = config.student
     sizes = {k: student[k] for k in ("embed_dim", "depth", "num_heads") if student[k]}
+    dinov3 = {k: student[k] for k in ("pos_embed", "rope_base", "rope_normalize", "qkv_bias",
+                                      "mask_k_bias", "layernorm_eps", "swiglu_unpacked",
+                                      "ffn_align", "untie_local_cls_norm")}
+    dinov3.update({k: student[k] or None for k in ("rope_min_period", "rope_max_period",
+                                                   "rope_shift", "rope_jitter", "rope_rescale")})
     return build_backbone(
         student.arch, **sizes, patch_size=student.patch_size,
         img_size=config.crops.global_crops_size, ffn_layer=student.ffn_layer,
@@ -522,7 +528,7 @@ def backbone_from_config(config):
         interpolate_antialias=student.interpolate_antialias,
         drop_path_rate=student.drop_path_rate, remat_policy=student.remat_policy,
         attention_backend=student.attention, pack_crops=student.pack_crops,
-        dtype=jnp.dtype(student.dtype))
+        dtype=jnp.dtype(student.dtype), **dinov3)
 
 
 def intermediate_layers(model, params, layers, n=1, *, image_shape=None, reshape=False,
