@@ -46,6 +46,8 @@ def define(flag_values):
     flags.DEFINE_integer("warmup", 2, "untimed calls first", flag_values=flag_values)
     flags.DEFINE_bool("quick", False, "one-block models on small images, 3 timed calls: a smoke "
                       "run for CPU tests", flag_values=flag_values)
+    flags.DEFINE_float("peak_flops", 0.0, "device peak FLOP/s for MFU (0: dinov2_jax.flops' "
+                       "table)", flag_values=flag_values)
     flags.DEFINE_string("json_out", "", "append one JSON line per row to this file",
                         flag_values=flag_values)
 
@@ -93,10 +95,10 @@ def time_forward(model, params, size, batch, steps, warmup):
     return np.asarray(seconds), results.compiled_peak_bytes(compiled)
 
 
-def measure(model, params, arch, size, batch, steps, warmup, depth):
+def measure(model, params, arch, size, batch, steps, warmup, depth, peak_flops=0.0):
     seconds, memory = time_forward(model, params, size, batch, steps, warmup)
     median = float(np.median(seconds))
-    peak = flops.peak_flops_per_device()
+    peak = flops.peak_flops_per_device(override=peak_flops)
     image_flops = flops.backbone_flops(model, size)
     return {
         "benchmark": "features", "impl": "dinov2_jax", **results.device_facts(),
@@ -128,7 +130,7 @@ def main(argv):
         for size, batch in sizes:
             try:
                 row = measure(model, params, arch, size, batch, steps, flag_values.warmup,
-                              depth)
+                              depth, flag_values.peak_flops)
             except Exception as error:  # e.g. out of memory: report it, time the next row
                 message = f"{type(error).__name__}: {error}"[:2000]
                 print(f"{arch} {size} px batch {batch}: {message}", file=sys.stderr)
