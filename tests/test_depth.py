@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinov2_jax import weights
+from dinov2_jax import configs, weights
 from dinov2_jax.configs import ConfigError
-from dinov2_jax.eval import dense, dense_callback, dense_data, depth
+from dinov2_jax.eval import dense, dense_data, depth, during_training
 from dinov2_jax.models import vit
 from tiny_params import random_params
 
@@ -150,17 +150,21 @@ def test_wrong_sources_are_clear_errors(tmp_path):
         dense_data.open_dense_source(f"depthfolder:{tmp_path}:scal=3")
 
 
-def test_in_training_call_returns_both_probes(depth_sets, tmp_path):
+def test_in_training_evaluator_runs_both_probes(depth_sets, tmp_path):
+    """The train loop's evaluation callback from config.evaluation: both probes, flat
+    float metrics; a source pair set by half is a config error."""
     train, val, model, params = depth_sets
     scenes = dense_data.write_shapes_dataset(tmp_path / "ade", "training", 8, SIZE)
     dense_data.write_shapes_dataset(scenes, "validation", 4, SIZE)
-    results = dense_callback.evaluate(
-        model, params, segmentation_train=f"ade20k:{scenes}:training:num_classes=4",
-        segmentation_val=f"ade20k:{scenes}:validation:num_classes=4",
-        depth_train=f"depthfolder:{train}", depth_val=f"depthfolder:{val}", image_size=SIZE,
-        steps=10, progress=False)
+    config = configs.default_config()
+    config.crops.global_crops_size = SIZE
+    config.evaluation.update(segmentation_train=f"ade20k:{scenes}:training:num_classes=4",
+                             segmentation_val=f"ade20k:{scenes}:validation:num_classes=4",
+                             depth_train=f"depthfolder:{train}", depth_val=f"depthfolder:{val}",
+                             dense_steps=10, batch_size=32)
+    results = during_training.make_evaluator(config)(model, params)
     assert 0.0 <= results["segmentation/mIoU"] <= 100.0 and results["depth/rmse"] > 0.0
     assert all(isinstance(value, float) for value in results.values())
+    config.evaluation.segmentation_val = ""
     with pytest.raises(ConfigError, match="must be set together"):
-        dense_callback.evaluate(model, params, depth_train=f"depthfolder:{train}",
-                                image_size=SIZE)
+        during_training.make_evaluator(config)
