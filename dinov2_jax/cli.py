@@ -24,6 +24,8 @@ def parse(argv, define, description=""):
     if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
         print(f"{description}\n\nflags:\n{flag_values.get_help(include_special_flags=False)}")
         sys.exit(0)
+    if not flags.FLAGS.is_parsed():  # libraries' own absl flags (Grain's workers read them)
+        flags.FLAGS(argv[:1])
     try:
         rest = flag_values(argv)
     except flags.Error as error:

@@ -64,7 +64,12 @@ def default_config():
                    color_jitter=(0.4, 0.4, 0.2, 0.1),  # brightness, contrast, saturation, hue
                    grayscale_prob=0.2)
     c.evaluation = dict(knn_train="", knn_val="", every=12500, at_start=False, knn_resize=256,
-                        batch_size=256)
+                        batch_size=256,
+                        # Dense probes during training (each pair set together); the heads
+                        # train on cached window features, dense_size 0: the global crop size.
+                        segmentation_train="", segmentation_val="", depth_train="",
+                        depth_val="", dense_size=0, dense_steps=1000, dense_head_batch_size=16,
+                        dense_lr=1e-3, dense_warmup_steps=100)
     c.mesh = dict(data=-1, fsdp=1, rules=[(".*", "fsdp")], min_shard_size=2**14)
     c.peak_flops = 0.0  # per device, FLOP/s; 0 = look the device up in dinov2_jax.flops
     return c
@@ -243,6 +248,9 @@ def validate(config, device_count, process_count=1):
     if not s.drop_path_uniform:
         _fail("student.drop_path_uniform", "False is not supported: scanned blocks share one "
               "static drop-path subset size")
+    if config.evaluation.dense_size % s.patch_size:
+        _fail("evaluation.dense_size", f"{config.evaluation.dense_size} is not a multiple of "
+              f"student.patch_size={s.patch_size}")
     for key in ("global_crops_size", "local_crops_size"):
         if crops[key] <= 0 or crops[key] % s.patch_size:
             _fail(f"crops.{key}", f"{crops[key]} is not a positive multiple of "
@@ -251,13 +259,15 @@ def validate(config, device_count, process_count=1):
               "train.batch_size", "train.epoch_length", "train.log_every",
               "train.checkpoint_every", "teacher.teacher_temp", "teacher.warmup_teacher_temp",
               "optim.clip_grad", "dino.head_n_prototypes", "ibot.head_n_prototypes",
-              "evaluation.batch_size")
+              "evaluation.batch_size", "evaluation.dense_steps",
+              "evaluation.dense_head_batch_size", "evaluation.dense_lr")
     _non_negative(config, "optim.min_lr", "optim.weight_decay", "optim.weight_decay_end",
                   "optim.warmup_epochs", "optim.freeze_last_layer_epochs",
                   "teacher.warmup_teacher_temp_epochs", "dino.loss_weight",
                   "dino.koleo_loss_weight", "ibot.loss_weight", "crops.local_crops_number",
                   "student.layerscale", "train.mask_groups", "evaluation.every",
-                  "train.collapse_intervals")
+                  "train.collapse_intervals", "evaluation.dense_size",
+                  "evaluation.dense_warmup_steps")
     _in_unit_interval(config, "teacher.momentum_teacher", "teacher.final_momentum_teacher",
                       "optim.layerwise_decay", "optim.adamw_beta1", "optim.adamw_beta2",
                       "crops.grayscale_prob", "ibot.mask_sample_probability",

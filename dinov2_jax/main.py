@@ -6,6 +6,7 @@ callback. `--config.key=value` overrides any config entry. The console shows the
 lines and warnings; `--verbosity=0` adds every library's INFO log (orbax's checkpoint steps,
 for one). A config error prints one line and exits 1; any other error keeps its traceback.
 """
+import os
 import sys
 
 from absl import flags, logging
@@ -41,9 +42,15 @@ def main(argv):
     config = flag_values.config
     try:
         loop.train(config, flag_values.workdir, during_training.make_evaluator(config))
-    except (loop.DivergenceError, checkpoint.DiskFullError) as error:
+    except (loop.DivergenceError, loop.CollapseError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except checkpoint.DiskFullError as error:
+        # The intact checkpoints are on disk; orbax's threads still hold failing writes, and
+        # an orderly interpreter exit would print a traceback for each of them.
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 
 from dinov2_jax import configs
+from dinov2_jax.eval import dense_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = ("img_per_sec", "mfu")
@@ -205,8 +207,8 @@ def test_state_mismatch_the_config_cannot_see_fails_naming_the_leaf(tmp_path):
                      f"--workdir={workdir}")
     assert result.returncode == 1
     assert f"the checkpoint at step {steps[-1]}" in result.stderr
-    assert "centers/dino: this run has ((1024,), 'float32'), the checkpoint has ((256,), " \
-        "'float32')" in result.stderr, result.stderr[-2000:]
+    assert "centers/dino: this run has (1024,) float32, the checkpoint has (256,) float32" \
+        in result.stderr, result.stderr[-2000:]
     assert _snapshot(workdir) == before
 
 
@@ -249,7 +251,7 @@ def _tiny_config():
     ("teacher.momentum_teacher", 1.5, "teacher.momentum_teacher: 1.5 is not in [0, 1]"),
     ("crops.local_crops_scale", (0.4, 0.1), "crops.local_crops_scale: (0.4, 0.1) is not an "
                                             "ordered interval"),
-    ("ibot.separate_head", "yes", "ibot.separate_head: 'yes' is not a bool"),
+    ("train.collapse_uniform", 1.5, "train.collapse_uniform: 1.5 is not in [0, 1]"),
 ])
 def test_bad_configs_name_the_key(key, value, message):
     config = _tiny_config()
@@ -347,9 +349,12 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_resumes(small_disk):
             "--config.optim.epochs=6", "--config.train.keep_checkpoints=10")
     result = _python(*args)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        f"error: no space left writing checkpoint 12 at {workdir}/checkpoints; checkpoint 8 is "
-        "intact; rerun the same command to resume once there is space"], result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(
+        re.escape(f"error: no space left writing checkpoint 12 at {workdir}/checkpoints") +
+        r" \(\d+\.\d MiB to write, \d+\.\d MiB free\); " + re.escape(
+            "checkpoint 8 is intact; rerun the same command to resume once there is space"),
+        lines[0]), result.stderr[-3000:]
     intact = _state(workdir, 8)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(intact["student"]))
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
@@ -394,3 +399,113 @@ def test_data_workers_exit_when_the_trainer_is_killed(tmp_path):
     while any(_alive(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in workers if _alive(pid)], "a data worker outlived the trainer"
+
+
+def test_tensorboard_events_hold_every_logged_metric(uninterrupted):
+    """With the tensorboard extra installed, every scalar of metrics.jsonl is also an event
+    (read back with TensorBoard's own reader; no TensorFlow involved)."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing."
+                                            "event_accumulator")
+    pytest.importorskip("tensorboardX")
+    events = event_accumulator.EventAccumulator(os.path.join(uninterrupted, "tensorboard"),
+                                                size_guidance={"scalars": 0})
+    events.Reload()
+    lines = [json.loads(line) for line in open(os.path.join(uninterrupted, "metrics.jsonl"))]
+    logged = {(line["step"], name): value for line in lines for name, value in line.items()
+              if name != "step" and isinstance(value, (int, float)) and value is not None}
+    got = {(event.step, name): event.value for name in events.Tags()["scalars"]
+           for event in events.Scalars(name)}
+    assert {"total_loss", "lr", "teacher_temp", "img_per_sec"} <= set(events.Tags()["scalars"])
+    assert got.keys() == logged.keys()
+    for key, value in logged.items():
+        assert got[key] == pytest.approx(value, rel=1e-6), key  # events store float32
+
+
+COLLAPSE = {
+    # Teacher temperature 1.0: targets near uniform from the first step.
+    "uniform": ["--config.teacher.teacher_temp=1.0", "--config.teacher.warmup_teacher_temp=1.0"],
+    # No centering, LayerScale 1e-5 (every image's cls token nearly the same) and a very sharp
+    # teacher: every image's target is the same single prototype.
+    "one-prototype": ["--config.train.centering=none", "--config.student.layerscale=1e-5",
+                      "--config.teacher.teacher_temp=0.002",
+                      "--config.teacher.warmup_teacher_temp=0.002"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(COLLAPSE))
+def test_forced_collapse_is_detected_and_stops_with_checkpoints_intact(tmp_path, kind):
+    workdir = str(tmp_path / kind)
+    common = ["-m", "dinov2_jax.main", "--config=configs/demo.py:tiny", "--config.train.log_every=1",
+              "--config.train.checkpoint_every=2", "--config.train.collapse_intervals=3",
+              *COLLAPSE[kind]]
+    result = _python(*common, f"--workdir={workdir}", "--config.train.stop_on_collapse=True")
+    assert result.returncode == 1
+    assert f"the dino head's teacher has been collapsed ({kind}) for 3 log intervals at step 3" \
+        in result.stderr, result.stderr[-3000:]
+    assert "train.stop_on_collapse stops the run" in result.stderr
+    assert _committed_steps(workdir) == [2]
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_state(workdir, 2)["student"]))
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert all(0 <= line[f"{head}/{name}"] <= 1 for line in lines if "total_loss" in line
+               for head in ("dino", "ibot") for name in ("entropy", "batch_entropy"))
+    # Without stop_on_collapse the same run warns and trains to the end.
+    result = _python(*common, f"--workdir={workdir}_warned")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"collapsed ({kind})" in result.stderr and "stop_on_collapse=True would stop" \
+        in result.stderr
+
+
+def test_a_truncated_shard_stops_the_run_at_start_up_or_is_skipped_and_counted(tmp_path):
+    """A shard cut in half is a one-line start-up error naming it; with
+    train.skip_bad_shards=True the run trains through and logs the skipped records."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng()
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    shards = tmp_path / "shards"
+    result = _python("-m", "dinov2_jax.data.prepare", f"--images={images}", f"--output={shards}",
+                     "--shards=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    cut = sorted(shards.glob("*.array_record"))[1]
+    cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])
+    args = ("-m", "dinov2_jax.main", "--config=configs/demo.py:tiny",
+            f"--config.train.dataset=arrayrecord:{shards}/*.array_record",
+            "--config.train.total_steps=2", "--config.train.log_every=1")
+    result = _python(*args, f"--workdir={tmp_path / 'stopped'}")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: arrayrecord shard {cut} cannot be read"), \
+        result.stderr[-3000:]
+    assert "train.skip_bad_shards=True" in result.stderr and "Traceback" not in result.stderr
+    workdir = tmp_path / "skipped"
+    result = _python(*args, f"--workdir={workdir}", "--config.train.skip_bad_shards=True")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"skipping unreadable arrayrecord shard {cut}" in result.stderr
+    lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    skipped = [line for line in lines if "data/skipped_shards" in line]
+    assert skipped == [{"step": 0, "data/skipped_shards": 1, "data/skipped_shard_records": 8}]
+    assert [line["step"] for line in lines if "total_loss" in line] == [1, 2]
+
+
+@pytest.mark.slow
+def test_dense_evals_during_training_land_in_metrics(tmp_path):
+    """evaluation.segmentation_* / depth_* run the dense probes at the end of a run (and at
+    step 0 with evaluation.at_start), their metrics in metrics.jsonl."""
+    scenes = dense_data.write_shapes_dataset(tmp_path / "ade", "training", 16, 40)
+    dense_data.write_shapes_dataset(scenes, "validation", 8, 40)
+    depth = dense_data.write_depth_dataset(tmp_path / "depth", 16, 40)
+    workdir = tmp_path / "run"
+    result = _python("-m", "dinov2_jax.main", "--config=configs/demo.py:tiny",
+                     f"--workdir={workdir}", "--config.evaluation.at_start=True",
+                     f"--config.evaluation.segmentation_train=ade20k:{scenes}:training:"
+                     "num_classes=4",
+                     f"--config.evaluation.segmentation_val=ade20k:{scenes}:validation:"
+                     "num_classes=4",
+                     f"--config.evaluation.depth_train=depthfolder:{depth}",
+                     f"--config.evaluation.depth_val=depthfolder:{depth}",
+                     "--config.evaluation.dense_steps=20", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    dense = {line["step"]: line for line in lines if "segmentation/mIoU" in line}
+    assert sorted(dense) == [0, 8]
+    assert all(0 <= d["segmentation/mIoU"] <= 100 and d["depth/rmse"] > 0 for d in dense.values())

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import logging
 import re
+import shutil
 import time
 
 import grain
@@ -76,7 +77,7 @@ def _chain(error):
 
 
 def _shapes(tree):
-    return jax.tree.map(lambda leaf: (tuple(leaf.shape), np.dtype(leaf.dtype).name), tree)
+    return jax.tree.map(lambda leaf: f"{tuple(leaf.shape)} {np.dtype(leaf.dtype).name}", tree)
 
 
 def first_difference(expected, got):
@@ -107,7 +108,22 @@ class Checkpointer:
         if data_iter is not None:
             args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         with self._reporting_disk_full(step):
+            self._check_space(step, state)
             self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def _check_space(self, step, state):
+        """On a local disk, refuses a save that cannot fit before orbax starts writing it (a
+        save that fails midway leaves its writes failing in orbax's threads, each printing a
+        traceback). Needed: this process's shards of the state, as written (uncompressed)."""
+        if "://" in str(self.directory):
+            return
+        self._manager.wait_until_finished()  # the previous save's bytes are on disk first
+        need = sum(shard.data.nbytes for leaf in jax.tree.leaves(state)
+                   for shard in leaf.addressable_shards if shard.replica_id == 0)
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise self._disk_full(step, f" ({need / 2**20:.1f} MiB to write, "
+                                        f"{free / 2**20:.1f} MiB free)")
 
     def wait(self):
         with self._reporting_disk_full(None):
@@ -145,9 +161,10 @@ class Checkpointer:
             if data_iter is not None and meta.get("process_count") == jax.process_count():
                 args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
             elif data_iter is not None:
-                absl_logging.warning("checkpoint at step %d was written by %s processes, this run "
-                                "has %d: the state resumes, the data order starts afresh",
-                                step, meta.get("process_count"), jax.process_count())
+                absl_logging.warning("checkpoint at step %d was written by %s processes, this "
+                                     "run has %d: the state resumes, the data order starts "
+                                     "afresh", step, meta.get("process_count"),
+                                     jax.process_count())
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(**args))
             except Exception as error:  # noqa: BLE001 - an unreadable checkpoint is skipped
@@ -161,8 +178,8 @@ class Checkpointer:
         aside = self.directory.parent / "checkpoints_unreadable"
         target = aside / f"{step}-{int(time.time())}"
         absl_logging.warning("checkpoint at step %d is unreadable (%s: %s); moved it to %s and "
-                        "trying the one before it", step, type(error).__name__, str(error)[:300],
-                        target)
+                             "trying the one before it", step, type(error).__name__,
+                             str(error)[:300], target)
         if jax.process_index() == 0:
             aside.mkdir(parents=True, exist_ok=True)
             (self.directory / str(step)).rename(target)
@@ -177,30 +194,30 @@ class Checkpointer:
             yield
             if step is not None:
                 self._in_flight = step
+        except DiskFullError:
+            raise
         except Exception as error:
             if not _is_disk_full(error):
                 raise
-            intact = self._intact_steps()
             written = re.search(r"/(\d+)\.orbax-checkpoint-tmp", " ".join(
                 str(e) for e in _chain(error)))
-            failed = int(written.group(1)) if written else (self._in_flight or step)
-            kept = [s for s in intact if s != failed]
-            what = f"checkpoint {failed}" if failed is not None else "a checkpoint"
-            tail = (f"checkpoint {kept[-1]} is intact; rerun the same command to resume once "
-                    "there is space" if kept else "there is no earlier checkpoint")
-            raise DiskFullError(f"no space left writing {what} at {self.directory}; "
-                                f"{tail}") from None
+            raise self._disk_full(int(written.group(1)) if written
+                                  else (self._in_flight or step)) from None
+
+    def _disk_full(self, failed, detail=""):
+        kept = [s for s in self._intact_steps() if s != failed]
+        what = f"checkpoint {failed}" if failed is not None else "a checkpoint"
+        tail = (f"checkpoint {kept[-1]} is intact; rerun the same command to resume once there "
+                "is space" if kept else "there is no earlier checkpoint")
+        return DiskFullError(f"no space left writing {what} at {self.directory}{detail}; {tail}")
 
     def _intact_steps(self):
         """Finished checkpoints on disk (orbax renames a checkpoint into place when complete)."""
         return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
 
     def close(self):
-        """Waits for the last save and stops orbax's threads (also after a failed save)."""
-        try:
-            self.wait()
-        except BaseException:
-            with contextlib.suppress(Exception):  # the failed save's error is the one to tell
-                self._manager.close()
-            raise
+        """Waits for the last save, then stops orbax's threads. After a failed save they are
+        left running: closing their event loop under writes that are still failing makes
+        each pending write print a traceback (the caller exits; see main.py)."""
+        self.wait()
         self._manager.close()

@@ -31,6 +31,10 @@ class DivergenceError(RuntimeError):
     """A NaN or Inf loss or gradient."""
 
 
+class CollapseError(RuntimeError):
+    """A head's teacher stayed collapsed (train.stop_on_collapse)."""
+
+
 def train(config, workdir, evaluate=None):
     """Trains `config` in `workdir` (local or gs://), resuming from its newest checkpoint.
 
@@ -45,13 +49,13 @@ def train(config, workdir, evaluate=None):
     writer = metrics_lib.MetricWriter(workdir)
     setup = setup_lib.build(config, parallel.make_mesh(config.mesh))
     source = sources.open_source(config.train.dataset, config.train.skip_bad_shards)
-    if getattr(source, "skipped_shards", None):
-        writer.write(0, {"data/skipped_shards": len(source.skipped_shards),
-                         "data/skipped_shard_records": source.skipped_records})
     data_iter = pipeline.make_train_iterator(
         config, mask_groups=config.train.mask_groups or jax.local_device_count(), source=source)
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     state = _restore_or_create(setup, checkpointer, data_iter, workdir, writer)
+    if getattr(source, "skipped_shards", None):
+        writer.write(int(state["step"]), {"data/skipped_shards": len(source.skipped_shards),
+                                          "data/skipped_shard_records": source.skipped_records})
     writer.console("student parameters:\n" + parameter_overview.get_parameter_overview(
         state["student"], include_stats=False))
     _memory_report(state, writer)
@@ -63,7 +67,7 @@ def train(config, workdir, evaluate=None):
     total_steps = configs.total_steps(config)
     interval = _Interval(writer, total_steps, config.train.batch_size, data_iter,
                          setup.step_flops(batch["mask_indices"].size * jax.process_count()),
-                         config.peak_flops)
+                         config.peak_flops, _CollapseWatch(config.train))
     model = setup.networks.backbone.clone(drop_path_rate=0.0)
     every = config.evaluation.every
     preemption = _Preemption()
@@ -96,8 +100,8 @@ def train(config, workdir, evaluate=None):
                 batch = next(data_iter)
     finally:
         preemption.restore()
-        checkpointer.close()
         writer.close()
+        checkpointer.close()
     writer.console(f"finished step {step}/{total_steps}; the teacher exports to PyTorch with: "
                    f"python -m dinov2_jax.convert --input {workdir} --output teacher.pth "
                    "--format hub")
@@ -183,9 +187,10 @@ class _Interval:
     """One log interval's bookkeeping: each step's metrics are read and checked for NaN/Inf
     one step late (so dispatch never waits for them); `flush` logs their means as one line."""
 
-    def __init__(self, writer, total_steps, batch_size, data_iter, step_flops, peak_flops):
+    def __init__(self, writer, total_steps, batch_size, data_iter, step_flops, peak_flops,
+                 collapse):
         self._writer, self._total, self._batch_size = writer, total_steps, batch_size
-        self._data_iter, self._step_flops = data_iter, step_flops
+        self._data_iter, self._step_flops, self._collapse = data_iter, step_flops, collapse
         self._peak = flops.peak_flops_per_device(override=peak_flops)
         self._history, self._pending = [], None
         self._start, self._steps = time.time(), 0
@@ -214,7 +219,38 @@ class _Interval:
         self._writer.console(metrics_lib.format_line(step, self._total, values,
                                                      elapsed / self._steps))
         self._history, self._start, self._steps = [], time.time(), 0
+        self._collapse.check(step, values)
         return values
+
+
+class _CollapseWatch:
+    """The two classic DINO failures, per head, from each log interval's teacher entropies:
+    uniform targets (per-image entropy near log K) and one-prototype targets (batch-mean
+    entropy near 0). Warns once a head stays collapsed for `collapse_intervals` intervals in
+    a row; with `stop_on_collapse` raises CollapseError (the last checkpoint stays)."""
+
+    def __init__(self, train):
+        self._train, self._streaks = train, {}
+
+    def check(self, step, values):
+        if not self._train.collapse_intervals:
+            return
+        for head in ("dino", "ibot"):
+            entropy, batch = values[f"{head}/entropy"], values[f"{head}/batch_entropy"]
+            kind = ("uniform" if entropy >= self._train.collapse_uniform else
+                    "one-prototype" if batch <= self._train.collapse_one_prototype else None)
+            streak = self._streaks.get(head, (None, 0))
+            self._streaks[head] = (kind, streak[1] + 1 if kind and kind == streak[0] else
+                                   int(kind is not None))
+            if kind and self._streaks[head][1] == self._train.collapse_intervals:
+                message = (f"the {head} head's teacher has been collapsed ({kind}) for "
+                           f"{self._train.collapse_intervals} log intervals at step {step}: "
+                           f"per-image entropy {entropy:.3f} log K, batch-mean entropy "
+                           f"{batch:.3f} log K")
+                if self._train.stop_on_collapse:
+                    raise CollapseError(message + "; train.stop_on_collapse stops the run, the "
+                                        "last checkpoint is kept")
+                logging.warning("%s (train.stop_on_collapse=True would stop the run)", message)
 
 
 def _checked(step, step_metrics):

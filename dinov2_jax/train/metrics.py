@@ -2,7 +2,8 @@
 TensorBoard event files beside it when the `tensorboard` extra is installed.
 
 Only process 0 writes. Each JSONL line is a dict with `step` and scalar values; the console
-line shows step/total, losses, lr, teacher temperature, img/s, MFU and ETA. The workdir is an
+line shows step/total, losses, lr, teacher temperature, the teachers' entropies (per image /
+of the batch mean, as fractions of log K, for the DINO and iBOT heads), img/s, MFU and ETA. The workdir is an
 `etils.epath` path: a local file is appended to; an object store (gs://) cannot append, so
 there the file is rewritten whole at each write. TensorBoard events are written for local
 workdirs (tensorboardX writes local files only).
@@ -27,9 +28,7 @@ class MetricWriter:
         self.path = epath.Path(workdir) / "metrics.jsonl"
         self._local = "://" not in str(self.path)
         self._lines = None  # what a rewritten (object store) file holds
-        self._tensorboard = None
-        if self._active and SummaryWriter is not None and self._local:
-            self._tensorboard = SummaryWriter(str(self.path.parent / "tensorboard"))
+        self._tensorboard = None  # made at the first write: a run that fails first leaves none
 
     def write(self, step, values):
         if not self._active:
@@ -44,6 +43,8 @@ class MetricWriter:
                 self._lines = self.path.read_text() if self.path.exists() else ""
             self._lines += text
             self.path.write_text(self._lines)
+        if self._tensorboard is None and SummaryWriter is not None and self._local:
+            self._tensorboard = SummaryWriter(str(self.path.parent / "tensorboard"))
         if self._tensorboard is not None:
             for name, value in line.items():
                 if name != "step" and isinstance(value, numbers.Real):
@@ -79,6 +80,8 @@ def format_line(step, total, values, seconds_per_step):
         f"koleo {values['koleo_loss']:.3f})",
         f"lr {values['lr']:.3g}",
         f"t_temp {values['teacher_temp']:.4f}",
+        f"H/logK dino {values['dino/entropy']:.2f}/{values['dino/batch_entropy']:.2f} "
+        f"ibot {values['ibot/entropy']:.2f}/{values['ibot/batch_entropy']:.2f}",
         f"{values['img_per_sec']:.1f} img/s",
         f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU n/a",
         f"ETA {eta}",

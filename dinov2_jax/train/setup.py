@@ -73,8 +73,8 @@ def _pretrained_student(fresh, config, rng):
     """The student with its backbone from student.pretrained_weights (strict), heads fresh."""
     student = fresh(rng)
     _, backbone = weights.load(config.student.pretrained_weights)
-    expected = jax.tree.map(np.shape, student["backbone"])
-    got = jax.tree.map(np.shape, backbone)
+    expected = jax.tree.map(lambda x: str(np.shape(x)), student["backbone"])
+    got = jax.tree.map(lambda x: str(np.shape(x)), backbone)
     difference = checkpoint_lib.first_difference(expected, got)
     if difference:
         raise configs.ConfigError(

@@ -55,9 +55,12 @@ def _teacher_targets(networks, config, teacher, centers, batch, teacher_temp):
         patch_probs = losses.softmax_center(patch_logits, centers["ibot"], teacher_temp)
         centers = {"dino": losses.update_center(centers["dino"], cls_logits.reshape(-1, cls_logits.shape[-1])),
                    "ibot": losses.update_center(centers["ibot"], patch_logits, valid=valid)}
-    else:
+    elif config.train.centering == "sinkhorn_knopp":
         cls_probs = losses.sinkhorn_knopp(cls_logits, teacher_temp)
         patch_probs = losses.sinkhorn_knopp(patch_logits, teacher_temp, valid=valid)
+    else:  # "none": the sharpened softmax alone, the ablation that collapses to one prototype
+        cls_probs = jax.nn.softmax(cls_logits.astype(jnp.float32) / teacher_temp, axis=-1)
+        patch_probs = jax.nn.softmax(patch_logits.astype(jnp.float32) / teacher_temp, axis=-1)
     return jax.lax.stop_gradient((cls_probs, patch_probs)), jax.lax.stop_gradient(centers)
 
 
@@ -98,6 +101,18 @@ def _entropy(probs):
     return -jnp.mean(jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1))
 
 
+def _row_entropies(probs, weights):
+    """Collapse statistics of teacher targets (rows, K) with row weights, as fractions of
+    log K: the mean per-row entropy (near 1: uniform targets) and the entropy of the mean
+    distribution (near 0: every row on one prototype)."""
+    weights = weights / jnp.maximum(jnp.sum(weights), 1e-12)
+    log_k = jnp.log(probs.shape[-1])
+    entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+    mean = jnp.sum(probs * weights[:, None], axis=0)
+    return (jnp.sum(entropy * weights) / log_k,
+            -jnp.sum(mean * jnp.log(jnp.maximum(mean, 1e-30))) / log_k)
+
+
 def make_train_step(networks, config, optimizer, schedules):
     """train_step(state, batch) -> (state, metrics), pure; wrap it in jax.jit."""
     base_rng = jax.random.PRNGKey(config.train.seed)
@@ -116,8 +131,15 @@ def make_train_step(networks, config, optimizer, schedules):
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["student"])
         student = optax.apply_updates(state["student"], updates)
         teacher = state_lib.ema_update(state["teacher"], student, momentum)
+        cls_probs, patch_probs = targets
+        cls_rows = cls_probs.reshape(-1, cls_probs.shape[-1])
+        dino = _row_entropies(cls_rows, jnp.ones(cls_rows.shape[:1], jnp.float32))
+        ibot = _row_entropies(patch_probs.reshape(-1, patch_probs.shape[-1]),
+                              (batch["masks_weight"] > 0).reshape(-1).astype(jnp.float32))
         metrics = {**logged, "loss": loss, "teacher_temp": teacher_temp, "momentum": momentum,
-                   "teacher_entropy": _entropy(targets[0]),
+                   "teacher_entropy": _entropy(cls_probs),
+                   "dino/entropy": dino[0], "dino/batch_entropy": dino[1],
+                   "ibot/entropy": ibot[0], "ibot/batch_entropy": ibot[1],
                    **{f"grad_norm/{name}": optax.global_norm(g) for name, g in grads.items()},
                    **{name: value for name, value in opt_state.hyperparams.items()}}
         new_state = {"step": step + 1, "student": student, "teacher": teacher,
