@@ -163,8 +163,9 @@ def test_hub_files_with_bfloat16_periods_keep_them(tmp_path):
         reference.rope.periods.copy_(torch.from_numpy(rounded))
     np.testing.assert_allclose(ours, _torch_forward(reference.forward_features, images),
                                atol=ATOL)
-    # the rounding moves the features measurably (~1e-2 here): it is not noise
-    assert np.abs(ours - float32_periods).max() > 10 * ATOL
+    # the rounding moves the features measurably (observed 2.7e-3 to 3.3e-3 here, 1.1e-3 on
+    # the whole ViT-S at 224 px), far above the parity error (~5e-6)
+    assert np.abs(ours - float32_periods).max() > 5 * ATOL
     weights.export(model, params, tmp_path / "again.pth", "hub")
     assert torch.equal(torch.load(tmp_path / "again.pth")["rope_embed.periods"],
                        torch.from_numpy(rounded))
