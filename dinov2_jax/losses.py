@@ -69,7 +69,8 @@ def update_center(center, teacher_logits, momentum=CENTER_MOMENTUM, *, valid=Non
 
 
 def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3, valid=None, axis_name=None):
-    """Sinkhorn-Knopp teacher probabilities (..., K) from logits (..., K); spec §3.3.
+    """Sinkhorn-Knopp teacher probabilities (..., K) from logits (..., K)
+    (`dinov2/loss/dino_clstoken_loss.py`).
 
     Every axis but the last holds samples. `valid` (...) marks real rows; others (padding of the
     static iBOT buffer) take no part in any sum and get probability 0. With `axis_name` the total,
@@ -107,7 +108,8 @@ def _mean_cross_entropy(student_logits, teacher_probs, student_temp):
 
 def dino_loss(student_global_logits, student_local_logits, teacher_probs,
               student_temp=STUDENT_TEMP):
-    """DINO cls-token loss (spec §3.5): (local_loss, global_loss) as the reference logs them.
+    """DINO cls-token loss (`dinov2/loss/dino_clstoken_loss.py`): (local_loss, global_loss)
+    as the reference logs them.
 
     student_global_logits (2, B, K): crop-major, [c] = global crop c of every image.
     student_local_logits (n_local, B, K): [i] = local crop i of every image (n_local may be 0).
@@ -130,7 +132,8 @@ def dino_loss(student_global_logits, student_local_logits, teacher_probs,
 
 def ibot_loss(student_patch_logits, teacher_patch_probs, masks_weight, n_crops,
               student_temp=STUDENT_TEMP):
-    """iBOT masked-patch loss, spec §3.6: -sum_j w_j sum_k t_jk log_softmax(s_j/temp)_k / n_crops.
+    """iBOT masked-patch loss (`dinov2/loss/ibot_patch_loss.py`):
+    -sum_j w_j sum_k t_jk log_softmax(s_j/temp)_k / n_crops.
 
     student_patch_logits, teacher_patch_probs (..., K) and masks_weight (...) hold the rows of the
     static masked-patch buffer (any leading layout, e.g. (G, U)); w_j = 1/m_i of the crop a masked
@@ -143,7 +146,8 @@ def ibot_loss(student_patch_logits, teacher_patch_probs, masks_weight, n_crops,
 
 
 def koleo_loss(x, eps=1e-8):
-    """KoLeo regulariser, spec §3.7, over the n rows of x (..., n, D); returns shape (...).
+    """KoLeo regulariser (`dinov2/loss/koleo_loss.py`) over the n rows of x (..., n, D);
+    returns shape (...).
 
     Rows are L2-normalised (norm clamped at eps), each row's nearest neighbour is the other row
     of largest inner product, d_i = ||x_i - x_nn(i) + eps|| (eps on the difference vector, as

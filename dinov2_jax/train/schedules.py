@@ -1,4 +1,4 @@
-"""Per-iteration schedules of DINOv2 training (spec §4.1-4.2), as optax schedules.
+"""Per-iteration schedules of DINOv2 training (docs/reference.md, Schedules), as optax schedules.
 
 `make_schedules(config)` returns the learning rate, last-layer learning rate, weight decay,
 teacher EMA momentum and teacher temperature, each a jit-able function step -> float32 value
@@ -46,7 +46,7 @@ def cosine_schedule(base_value, final_value, total_steps, warmup_steps=0,
 
 
 def scaled_lr(base_lr, global_batch_size, scaling_rule):
-    """Peak learning rate from the per-1024-images base_lr (spec §4.1)."""
+    """Peak learning rate from the per-1024-images base_lr (docs/reference.md, Schedules)."""
     if scaling_rule != "sqrt_wrt_1024":
         raise ValueError(f"optim.scaling_rule={scaling_rule!r} is not supported; the reference "
                          "implements only 'sqrt_wrt_1024'")
