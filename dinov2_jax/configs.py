@@ -14,7 +14,7 @@ import os
 import ml_collections
 from flax import traverse_util
 
-from dinov2_jax import parallel
+from dinov2_jax import parallel, profiling
 from dinov2_jax.errors import ConfigError
 from dinov2_jax.models import attention, rope, vit
 
@@ -72,6 +72,7 @@ def default_config():
                         dense_lr=1e-3, dense_warmup_steps=100)
     c.mesh = dict(data=-1, fsdp=1, rules=[(".*", "fsdp")], min_shard_size=2**14)
     c.peak_flops = 0.0  # per device, FLOP/s; 0 = look the device up in dinov2_jax.flops
+    c.profile_steps = ""  # "FIRST,LAST": a jax.profiler trace of those steps in WORKDIR/profile
     return c
 
 
@@ -299,4 +300,8 @@ def validate(config, device_count, process_count=1):
         parallel.mesh_shape(config.mesh.data, config.mesh.fsdp, device_count)
     except ValueError as error:
         _fail("mesh", str(error))
+    try:
+        profiling.parse_steps(config.profile_steps)
+    except ConfigError as error:
+        _fail("profile_steps", str(error).removeprefix("profile_steps: "))
     return config

@@ -16,7 +16,7 @@ from clu import parameter_overview
 from etils import epath
 from jax.experimental import multihost_utils
 
-from dinov2_jax import configs, flops, parallel
+from dinov2_jax import configs, flops, parallel, profiling
 from dinov2_jax.data import pipeline, sources
 from dinov2_jax.train import checkpoint as checkpoint_lib
 from dinov2_jax.train import metrics as metrics_lib
@@ -24,7 +24,8 @@ from dinov2_jax.train import setup as setup_lib
 
 # Keys that may change between a run and its resume; anything else must match.
 RESUMABLE_CHANGES = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.num_workers", "evaluation.", "mesh.", "peak_flops")
+                     "train.num_workers", "train.collapse_", "train.stop_on_collapse",
+                     "evaluation.", "mesh.", "peak_flops", "profile_steps")
 
 
 class DivergenceError(RuntimeError):
@@ -71,6 +72,7 @@ def train(config, workdir, evaluate=None):
     model = setup.networks.backbone.clone(drop_path_rate=0.0)
     every = config.evaluation.every
     preemption = _Preemption()
+    profiler = profiling.StepProfiler(config.profile_steps, workdir / "profile")
     step, final = int(state["step"]), {}
     if step == 0 and evaluate and config.evaluation.at_start:
         final.update(_evaluate(evaluate, model, state, writer, 0))
@@ -80,6 +82,7 @@ def train(config, workdir, evaluate=None):
                 logging.warning("skipped bad record %s: %s", key, reason)
             state, step_metrics = train_step(state, parallel.global_batch(batch, batch_shardings))
             step += 1
+            profiler.after_step(step, step_metrics)
             interval.add(step, step_metrics)
             is_last = step == total_steps
             if step % config.train.log_every == 0 or is_last:
@@ -100,6 +103,8 @@ def train(config, workdir, evaluate=None):
                 batch = next(data_iter)
     finally:
         preemption.restore()
+        if profiler.close() is not None:
+            writer.console(f"profile of steps {profiler.summary['steps']}: {profiler.directory}")
         writer.close()
         checkpointer.close()
     writer.console(f"finished step {step}/{total_steps}; the teacher exports to PyTorch with: "
