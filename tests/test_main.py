@@ -173,8 +173,11 @@ def test_config_mismatch_rerun_changes_nothing(tmp_path):
     and config.json stay as they were (the meta is read before the state)."""
     workdir = str(tmp_path / "run")
     result = _python("-m", "dinov2_jax.main", "--config=configs/demo.py:tiny",
-                     f"--workdir={workdir}")
+                     f"--workdir={workdir}", "--config.profile_steps=3,5")
     assert result.returncode == 0, result.stderr[-3000:]
+    # The profiler option on the way: a trace of steps 3-5 and its top ops in the workdir.
+    assert "profile of steps [3, 5]" in result.stdout
+    assert "ms per step" in open(os.path.join(workdir, "profile", "top_ops.txt")).read()
     before = _snapshot(workdir)
     result = _python("-m", "dinov2_jax.main", "--config=configs/demo.py:tiny",
                      f"--workdir={workdir}", "--config.ibot.separate_head=True")
