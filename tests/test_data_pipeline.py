@@ -22,8 +22,9 @@ EVAL_BAD_RECORDS = dict(max_bad_fraction=0.01, bad_fraction_min_records=1000)
 def make_config(dataset: str, batch_size: int = 8, num_workers: int = 0, **train):
     """The default config with tiny crops (the data reads a full, validated config)."""
     config = configs.default_config()
-    config.train.update(dataset=dataset, batch_size=batch_size, num_workers=num_workers,
-                        seed=random.SystemRandom().randrange(2**31), **train)
+    config.train.update({"dataset": dataset, "batch_size": batch_size,
+                         "num_workers": num_workers,
+                         "seed": random.SystemRandom().randrange(2**31), **train})
     config.crops.update(global_crops_size=GLOBAL, local_crops_size=LOCAL,
                         local_crops_number=N_LOCAL)
     config.student.patch_size = PATCH

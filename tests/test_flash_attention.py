@@ -1,4 +1,6 @@
 """The Pallas flash-attention kernel (interpret mode on CPU) against dense masked attention."""
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,13 +131,25 @@ def test_blocks_of_other_segments_are_skipped():
         assert relative_error(x[:, clean], reference[:, clean]) < 1e-5, name
 
 
+def _gpu_target():
+    """Newer JAX (0.11+) lowers Pallas-Triton without a GPU only for an abstract GPU device
+    named by the context; 0.10 lowers for any "cuda" target."""
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                         platform="gpu")
+    return jax.sharding.use_abstract_mesh(
+        jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+
+
 def test_lowers_to_triton_for_gpu():
     """Forward and backward go through the Pallas Triton lowering (3 kernels), no GPU needed."""
     spec = jax.ShapeDtypeStruct((2, 914, 6, 64), jnp.bfloat16)
     segment_ids = jax.ShapeDtypeStruct((2, 914), jnp.int32)
     loss = lambda q, k, v, ids: flash_attention(q, k, v, ids).astype(jnp.float32).sum()
-    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(
-        spec, spec, spec, segment_ids).lower(lowering_platforms=("cuda",))
+    with _gpu_target():
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(
+            spec, spec, spec, segment_ids).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3
 
 
