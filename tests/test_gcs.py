@@ -47,10 +47,13 @@ def _main(gcs, cwd, workdir, *extra):
 def _steps(gcs, bucket, prefix="run"):
     """Committed checkpoint steps under gs://bucket/prefix/checkpoints (orbax marks a finished
     step on an object store with commit_success.txt)."""
-    names = gcs.list_objects(bucket)
-    return sorted({int(name.split("/")[2]) for name in names
-                   if name.startswith(f"{prefix}/checkpoints/") and
-                   name.endswith("commit_success.txt") and name.split("/")[2].isdigit()})
+    steps = []
+    for name in gcs.list_objects(bucket):
+        parts = name.split("/")  # the step's own marker, not one of its items' (state/, meta/)
+        if (len(parts) == 4 and parts[:2] == [prefix, "checkpoints"] and parts[2].isdigit()
+                and parts[3] == "commit_success.txt"):
+            steps.append(int(parts[2]))
+    return sorted(steps)
 
 
 def _export(gcs, cwd, workdir, output):
