@@ -76,6 +76,15 @@ def _chain(error):
         error = error.__cause__ or error.__context__
 
 
+def _bytes_written_here(leaf):
+    """Bytes of `leaf` that this process writes: its replica-0 shards of a jax.Array, or the
+    whole of a host array."""
+    if isinstance(leaf, jax.Array):
+        return sum(shard.data.nbytes for shard in leaf.addressable_shards
+                   if shard.replica_id == 0)
+    return np.asarray(leaf).nbytes
+
+
 def _shapes(tree):
     return jax.tree.map(lambda leaf: f"{tuple(leaf.shape)} {np.dtype(leaf.dtype).name}", tree)
 
@@ -118,8 +127,7 @@ class Checkpointer:
         if "://" in str(self.directory):
             return
         self._manager.wait_until_finished()  # the previous save's bytes are on disk first
-        need = sum(shard.data.nbytes for leaf in jax.tree.leaves(state)
-                   for shard in leaf.addressable_shards if shard.replica_id == 0)
+        need = sum(_bytes_written_here(leaf) for leaf in jax.tree.leaves(state))
         free = shutil.disk_usage(self.directory).free
         if free < need:
             raise self._disk_full(step, f" ({need / 2**20:.1f} MiB to write, "
