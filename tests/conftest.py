@@ -1,5 +1,10 @@
-"""Shared pytest setup: CPU-only JAX, deterministic-enough defaults, optional torch references."""
+"""Shared pytest setup: CPU-only JAX, deterministic-enough defaults, optional torch references,
+and the one trained demo run that the slow warm-start tests share."""
+import json
 import os
+import subprocess
+import sys
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XFORMERS_DISABLED", "1")
@@ -9,3 +14,31 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~30 s on 2 CPU cores")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class TrainedDemo:
+    """One run of the README's demo command, shared by the slow tests that start from a
+    trained demo (warm starts, high-res adaptation, distillation): `workdir`, the run's
+    `stdout`, its wall time `seconds` and its `metrics` (the parsed metrics.jsonl lines)."""
+
+    def __init__(self, workdir, stdout, seconds):
+        self.workdir, self.stdout, self.seconds = str(workdir), stdout, seconds
+        with open(os.path.join(self.workdir, "metrics.jsonl")) as file:
+            self.metrics = [json.loads(line) for line in file]
+
+
+@pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory):
+    """`python -m dinov2_jax.main --config=configs/demo.py` once per session (5-9 minutes on 2
+    CPU cores), in a subprocess exactly as the README runs it."""
+    workdir = tmp_path_factory.mktemp("trained_demo") / "demo"
+    start = time.time()
+    result = subprocess.run(
+        [sys.executable, "-m", "dinov2_jax.main", "--config=configs/demo.py",
+         f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=2400,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return TrainedDemo(workdir, result.stdout, time.time() - start)
