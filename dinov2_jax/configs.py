@@ -12,6 +12,7 @@ import json
 import os
 
 import ml_collections
+from ml_collections import config_dict
 from flax import traverse_util
 
 from dinov2_jax import parallel, profiling
@@ -51,7 +52,12 @@ def default_config():
         collapse_intervals=5, collapse_uniform=0.98, collapse_one_prototype=0.05,
         stop_on_collapse=False,
         log_every=20, checkpoint_every=3750, keep_checkpoints=3, total_steps=-1,
-        mask_groups=0)  # iBOT mask groups per host; 0: one per local device (the reference's per GPU)
+        mask_groups=0,  # iBOT mask groups per host; 0: one per local device (the reference's per GPU)
+        # Warm starts (dinov2_jax/train/warm_start.py): init_from, another run's workdir whose
+        # newest checkpoint gives student, teacher and centers at step 0 (optimizer and
+        # schedules fresh); freeze_backbone_steps, steps at the start during which only the
+        # heads train (backbone lr 0, teacher backbone EMA momentum 1).
+        init_from="", freeze_backbone_steps=0)
     c.teacher = dict(momentum_teacher=0.992, final_momentum_teacher=1.0, warmup_teacher_temp=0.04,
                      teacher_temp=0.07, warmup_teacher_temp_epochs=30)
     c.optim = dict(epochs=100, warmup_epochs=10, base_lr=0.004, min_lr=1e-6, weight_decay=0.04,
@@ -62,7 +68,11 @@ def default_config():
                    local_crops_scale=(0.05, 0.32), global_crops_size=224, local_crops_size=96,
                    paper_blur_probs=False,
                    color_jitter=(0.4, 0.4, 0.2, 0.1),  # brightness, contrast, saturation, hue
-                   grayscale_prob=0.2)
+                   grayscale_prob=0.2,
+                   # DINOv3's mixed-resolution batches: ((global_size, local_size, probability),
+                   # ...), one drawn per batch from (train.seed, step); empty: every batch at
+                   # global_crops_size / local_crops_size (which size the position table).
+                   resolutions=())
     c.evaluation = dict(knn_train="", knn_val="", every=12500, at_start=False, knn_resize=256,
                         batch_size=256,
                         # Dense probes during training (each pair set together); the heads
@@ -90,6 +100,19 @@ def large_scale_recipe(arch, batch_size=3072):
     config.optim.update(epochs=500, warmup_epochs=80, base_lr=2e-4, weight_decay_end=0.2,
                         layerwise_decay=1.0)
     config.crops.local_crops_size = 98
+    return config
+
+
+def high_resolution_recipe(arch):
+    """The DINOv2 paper's high-resolution phase (Sec. 4, App. B.2) after `large_scale_recipe`:
+    10k iterations at 518 px from a pretrained run (`train.init_from`, required), the
+    pretraining procedure with its schedules compressed to the phase and a lower lr; the
+    recipes' docstrings give each value and its source."""
+    config = large_scale_recipe(arch, batch_size=2048)
+    config.train.update(init_from=config_dict.placeholder(str), epoch_length=1000)
+    config.crops.update(global_crops_size=518, local_crops_size=224)
+    config.teacher.update(warmup_teacher_temp=0.07, warmup_teacher_temp_epochs=0)
+    config.optim.update(epochs=10, warmup_epochs=1, base_lr=5e-5, freeze_last_layer_epochs=0)
     return config
 
 
@@ -228,6 +251,34 @@ def _validate_dinov3_student(config):
               f"{embed_dim} / {num_heads} heads")
 
 
+def _validate_stages(config):
+    """train.init_from, train.freeze_backbone_steps and crops.resolutions."""
+    train = config.train
+    if train.init_from is None:
+        _fail("train.init_from", "this recipe continues a trained run: pass "
+              "--config.train.init_from=WORKDIR (a workdir with checkpoints)")
+    if train.init_from and config.student.pretrained_weights:
+        _fail("train.init_from", "set train.init_from (a whole run's state) or "
+              "student.pretrained_weights (a backbone), not both")
+    if not isinstance(train.freeze_backbone_steps, int) or not (
+            0 <= train.freeze_backbone_steps <= total_steps(config)):
+        _fail("train.freeze_backbone_steps", f"{train.freeze_backbone_steps!r} is not a step "
+              f"count in [0, {total_steps(config)}]")
+    resolutions = config.crops.resolutions
+    if not resolutions:
+        return
+    patch = config.student.patch_size
+    for entry in resolutions:
+        if len(entry) != 3 or any(not isinstance(size, int) or size <= 0 or size % patch
+                                  for size in entry[:2]) or not entry[2] > 0:
+            _fail("crops.resolutions", f"{tuple(entry)} is not (global_size, local_size, "
+                  f"probability) with sizes positive multiples of student.patch_size={patch} "
+                  "and a probability > 0")
+    total = sum(entry[2] for entry in resolutions)
+    if abs(total - 1) > 1e-6:  # decimal probabilities such as 0.3 + 0.3 + 0.4 sum to 1 +- ulps
+        _fail("crops.resolutions", f"the probabilities sum to {total}, not 1")
+
+
 def validate(config, device_count, process_count=1):
     """Checks the config before anything is built; raises ConfigError naming the key."""
     unknown = sorted(set(_flat(config)) - set(_flat(default_config())))
@@ -300,6 +351,7 @@ def validate(config, device_count, process_count=1):
         parallel.mesh_shape(config.mesh.data, config.mesh.fsdp, device_count)
     except ValueError as error:
         _fail("mesh", str(error))
+    _validate_stages(config)
     try:
         profiling.parse_steps(config.profile_steps)
     except ConfigError as error:

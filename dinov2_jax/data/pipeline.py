@@ -4,6 +4,7 @@ Training (make_train_dataset / make_train_iterator), per host:
 
   source -> [process_index::process_count] -> decode (a bad record is skipped: the next
   record of the host's slice takes its place) -> seeded shuffle, repeated forever ->
+  [with crops.resolutions: tag each record with its batch's crop sizes, data/resolutions.py] ->
   random_map(multi-crop, per-record rng) -> batch(collate crop-major + iBOT masks per mask
   group, normalise) -> to_iter_dataset -> bad-record accounting -> mp_prefetch(num_workers)
 
@@ -29,6 +30,7 @@ train.batch_size, train.seed, train.num_workers (negative: min(cpu count, 32)),
 train.max_bad_fraction, train.bad_fraction_min_records, crops.*, student.patch_size,
 ibot.mask_sample_probability and ibot.mask_ratio_min_max.
 """
+import dataclasses
 import functools
 import os
 import random
@@ -41,7 +43,7 @@ import grain.multiprocessing
 import numpy as np
 from absl import logging
 
-from dinov2_jax.data import augment, masking, sources
+from dinov2_jax.data import augment, masking, resolutions, sources
 
 BAD_KEY = "_bad_records"
 _MAX_CONSECUTIVE_BAD = 100
@@ -209,43 +211,54 @@ def bad_record_stats(iterator: grain.DatasetIterator) -> dict[str, Any]:
 
 
 class MultiCropRecord(grain.transforms.RandomMap):
-    """Decoded record -> uint8 multi-crops and a seed for the masks of its batch."""
+    """Decoded record -> uint8 multi-crops and a seed for the masks of its batch; with several
+    crop size pairs (`resolutions`), those of the record's "resolution"."""
 
-    def __init__(self, spec: augment.MultiCropSpec):
-        self._spec = spec
+    def __init__(self, specs: tuple[augment.MultiCropSpec, ...]):
+        self._specs = specs
 
     def random_map(self, element, rng: np.random.Generator):
         mask_seed = int(rng.integers(2**63))
-        crops = augment.multi_crop(element["image"], rng, self._spec)
-        return {**crops, "mask_seed": mask_seed, "bad": element["bad"]}
+        resolution = element.get("resolution", 0)
+        crops = augment.multi_crop(element["image"], rng, self._specs[resolution])
+        return {**crops, "mask_seed": mask_seed, "bad": element["bad"], "resolution": resolution}
 
 
 class TrainCollate(_FloatBatches):
-    """Records -> the training batch (crop-major, normalised) with masks per mask group."""
+    """Records -> the training batch (crop-major, normalised) with masks per mask group.
 
-    def __init__(self, n_tokens: int, mask_groups: int, mask_ratio_min_max,
-                 mask_probability: float, generator: masking.MaskingGenerator):
+    `n_tokens` and `generators` are per crop size pair: the masks follow the batch's global
+    crop size (its records' "resolution").
+    """
+
+    def __init__(self, n_tokens: tuple[int, ...], mask_groups: int, mask_ratio_min_max,
+                 mask_probability: float, generators: tuple[masking.MaskingGenerator, ...]):
         self._n_tokens = n_tokens
         self._mask_groups = mask_groups
         self._mask_ratio_min_max = tuple(mask_ratio_min_max)
         self._mask_probability = mask_probability
-        self._generator = generator
+        self._generators = generators
 
     def __call__(self, records) -> dict[str, np.ndarray]:
         b = len(records)
+        resolution = records[0]["resolution"]
+        if any(r["resolution"] != resolution for r in records):
+            raise ValueError("a batch mixes crop sizes: its records were tagged for different "
+                             "batches (the batch size of TagResolution and .batch differ)")
+        n_tokens, generator = self._n_tokens[resolution], self._generators[resolution]
         group = b // self._mask_groups
-        upperbound = masking.mask_upperbound(2 * group, self._n_tokens, self._mask_ratio_min_max,
+        upperbound = masking.mask_upperbound(2 * group, n_tokens, self._mask_ratio_min_max,
                                              self._mask_probability)
-        masks = np.zeros((2, b, self._n_tokens), bool)
+        masks = np.zeros((2, b, n_tokens), bool)
         mask_indices = np.zeros((self._mask_groups, upperbound), np.int32)
         masks_weight = np.zeros((self._mask_groups, upperbound), np.float32)
         for g in range(self._mask_groups):
             members = records[g * group:(g + 1) * group]
             seed = np.random.SeedSequence([r["mask_seed"] for r in members]).generate_state(2)
             rng = random.Random(int(seed[0]) << 32 | int(seed[1]))
-            group_masks = masking.sample_masks(2 * group, self._n_tokens, self._mask_ratio_min_max,
-                                               self._mask_probability, self._generator, rng)
-            masks[:, g * group:(g + 1) * group] = group_masks.reshape(2, group, self._n_tokens)
+            group_masks = masking.sample_masks(2 * group, n_tokens, self._mask_ratio_min_max,
+                                               self._mask_probability, generator, rng)
+            masks[:, g * group:(g + 1) * group] = group_masks.reshape(2, group, n_tokens)
             mask_indices[g], masks_weight[g] = masking.padded_mask_indices(group_masks, upperbound)
         return {
             "global_crops": self._normalized_stack([r["global_crops"] for r in records], axis=1),
@@ -315,12 +328,16 @@ def make_train_dataset(config, *, process_index: int | None = None,
     if mask_groups < 1 or local_batch % mask_groups:
         raise ValueError(f"local batch {local_batch} is not divisible by mask_groups={mask_groups}")
     spec = augment.MultiCropSpec.from_config(config.crops)
+    mixture = resolutions.from_config(config)
+    specs = tuple(dataclasses.replace(spec, global_crops_size=g, local_crops_size=l)
+                  for g, l, _ in mixture)
     patch_size = config.student.patch_size
     collate = TrainCollate(
-        n_tokens=(spec.global_crops_size // patch_size) ** 2, mask_groups=mask_groups,
-        mask_ratio_min_max=config.ibot.mask_ratio_min_max,
+        n_tokens=tuple((s.global_crops_size // patch_size) ** 2 for s in specs),
+        mask_groups=mask_groups, mask_ratio_min_max=config.ibot.mask_ratio_min_max,
         mask_probability=float(config.ibot.mask_sample_probability),
-        generator=masking.make_mask_generator(spec.global_crops_size, patch_size))
+        generators=tuple(masking.make_mask_generator(s.global_crops_size, patch_size)
+                        for s in specs))
     source = sources.open_source(config.train.dataset) if source is None else source
     host_records = grain.MapDataset.source(source)[process_index::process_count]
     if len(host_records) < local_batch:
@@ -330,11 +347,11 @@ def make_train_dataset(config, *, process_index: int | None = None,
                .generate_state(1)[0])
     num_workers = config.train.num_workers
     num_workers = default_num_workers() if num_workers < 0 else int(num_workers)
-    ds = (DecodedRecords(host_records)
-          .seed(seed)
-          .shuffle()
-          .repeat()
-          .random_map(MultiCropRecord(spec))
+    ds = DecodedRecords(host_records).seed(seed).shuffle().repeat()
+    if len(mixture) > 1:
+        ds = ds.map_with_index(resolutions.TagResolution(
+            config.train.seed, local_batch, [p for _, _, p in mixture]))
+    ds = (ds.random_map(MultiCropRecord(specs))
           .batch(local_batch, drop_remainder=True, batch_fn=collate)
           .to_iter_dataset(_READ_OPTIONS))
     ds = BadRecordGuard(

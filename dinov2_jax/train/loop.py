@@ -21,10 +21,12 @@ from dinov2_jax.data import pipeline, sources
 from dinov2_jax.train import checkpoint as checkpoint_lib
 from dinov2_jax.train import metrics as metrics_lib
 from dinov2_jax.train import setup as setup_lib
+from dinov2_jax.train import warm_start
 
 # Keys that may change between a run and its resume; anything else must match.
 RESUMABLE_CHANGES = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.num_workers", "train.collapse_", "train.stop_on_collapse",
+                     "train.init_from",  # read at step 0 only
                      "evaluation.", "mesh.", "peak_flops", "profile_steps")
 
 
@@ -114,7 +116,8 @@ def train(config, workdir, evaluate=None):
 
 
 def _restore_or_create(setup, checkpointer, data_iter, workdir, writer):
-    """The newest checkpoint's state when its config matches this one, else a fresh state.
+    """The newest checkpoint's state when its config matches this one, else a fresh state
+    (from train.init_from's checkpoint when set).
 
     The saved config is compared before any state is read: a mismatch raises ConfigError and
     leaves the workdir as it is. `config.json` is written only for a fresh run.
@@ -126,7 +129,11 @@ def _restore_or_create(setup, checkpointer, data_iter, workdir, writer):
         state, _ = restored
         writer.console(f"resumed from step {int(state['step'])} in {checkpointer.directory}")
         return state
-    state = setup.create_state()
+    if config.train.init_from:
+        state, started = warm_start.initial_state(setup)
+        writer.console(started)
+    else:
+        state = setup.create_state()
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json(indent=1))
     return state

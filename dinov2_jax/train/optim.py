@@ -98,8 +98,18 @@ def clip_by_global_norm_per_module(max_norm, modules):
                                  {m: m for m in modules})
 
 
-def _adamw_chain(lr, last_layer_lr, weight_decay, *, groups, b1, b2, clip_grad):
-    """update = -lr_leaf * (adam + weight_decay * wd_mult * param), after per-module clipping."""
+def freeze_backbone(steps, params):
+    """Scales the backbone's updates by 0 for the first `steps` updates and by 1 after: an
+    update of exactly zero (weight decay included) while only the heads train."""
+    mask = jax.tree_util.tree_map_with_path(lambda path, _: path[0].key == "backbone", params)
+    return optax.masked(optax.scale_by_schedule(
+        lambda count: jnp.where(count < steps, 0.0, 1.0)), mask)
+
+
+def _adamw_chain(lr, last_layer_lr, weight_decay, *, groups, b1, b2, clip_grad,
+                 freeze_backbone_steps=0):
+    """update = -lr_leaf * (adam + weight_decay * wd_mult * param), after per-module clipping;
+    the backbone's is 0 for the first `freeze_backbone_steps` updates."""
     step_sizes = jax.tree.map(lambda m, last: -m * (last_layer_lr if last else lr),
                               groups.lr_mult, groups.is_last_layer)
     clip = (clip_by_global_norm_per_module(clip_grad, tuple(groups.lr_mult)) if clip_grad
@@ -109,18 +119,24 @@ def _adamw_chain(lr, last_layer_lr, weight_decay, *, groups, b1, b2, clip_grad):
         optax.scale_by_adam(b1=b1, b2=b2, eps=ADAM_EPS),
         optax.add_decayed_weights(weight_decay, mask=jax.tree.map(bool, groups.wd_mult)),
         optax.stateless(lambda updates, _: jax.tree.map(jnp.multiply, updates, step_sizes)),
+        *([freeze_backbone(freeze_backbone_steps, groups.lr_mult)] if freeze_backbone_steps
+          else []),
     )
 
 
-def dinov2_adamw(lr, last_layer_lr, weight_decay, *, groups, b1=0.9, b2=0.999, clip_grad=3.0):
+def dinov2_adamw(lr, last_layer_lr, weight_decay, *, groups, b1=0.9, b2=0.999, clip_grad=3.0,
+                 freeze_backbone_steps=0):
     """The optimizer; lr, last_layer_lr and weight_decay are schedules (step -> value) or floats.
 
     The schedules are evaluated at the state's step count (`opt_state.count`, the number of
     updates already applied), so they advance with the optimizer. clip_grad 0/None disables
-    clipping, as in the reference.
+    clipping, as in the reference. `freeze_backbone_steps` > 0 zeroes the backbone's updates
+    for that many first steps (the Adam moments still see its gradients).
     """
-    chain = functools.partial(_adamw_chain, groups=groups, b1=b1, b2=b2, clip_grad=clip_grad)
-    return optax.inject_hyperparams(chain, static_args=("groups", "b1", "b2", "clip_grad"))(
+    chain = functools.partial(_adamw_chain, groups=groups, b1=b1, b2=b2, clip_grad=clip_grad,
+                              freeze_backbone_steps=freeze_backbone_steps)
+    return optax.inject_hyperparams(chain, static_args=("groups", "b1", "b2", "clip_grad",
+                                                        "freeze_backbone_steps"))(
         lr=lr, last_layer_lr=last_layer_lr, weight_decay=weight_decay)
 
 
@@ -131,7 +147,8 @@ def make_optimizer(config, params, schedules):
                           patch_embed_lr_mult=optim.patch_embed_lr_mult)
     return dinov2_adamw(schedules.lr, schedules.last_layer_lr, schedules.weight_decay,
                         groups=groups, b1=optim.adamw_beta1, b2=optim.adamw_beta2,
-                        clip_grad=optim.clip_grad)
+                        clip_grad=optim.clip_grad,
+                        freeze_backbone_steps=config.train.freeze_backbone_steps)
 
 
 def logged_hyperparams(opt_state):

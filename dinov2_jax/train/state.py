@@ -72,3 +72,11 @@ def create_train_state(networks, config, optimizer, rng, student=None):
 def ema_update(teacher, student, momentum):
     """teacher <- momentum * teacher + (1 - momentum) * student, over all params."""
     return optax.incremental_update(student, teacher, step_size=1.0 - momentum)
+
+
+def hold_backbone(teacher, previous, frozen):
+    """`teacher` with its backbone left at `previous` while `frozen`: EMA momentum 1, exactly
+    (the EMA of equal student and teacher values can still move them by rounding)."""
+    backbone = jax.tree.map(lambda new, old: jnp.where(frozen, old, new), teacher["backbone"],
+                            previous["backbone"])
+    return {**teacher, "backbone": backbone}

@@ -131,6 +131,9 @@ def make_train_step(networks, config, optimizer, schedules):
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["student"])
         student = optax.apply_updates(state["student"], updates)
         teacher = state_lib.ema_update(state["teacher"], student, momentum)
+        if config.train.freeze_backbone_steps:
+            teacher = state_lib.hold_backbone(teacher, state["teacher"],
+                                              step < config.train.freeze_backbone_steps)
         cls_probs, patch_probs = targets
         cls_rows = cls_probs.reshape(-1, cls_probs.shape[-1])
         dino = _row_entropies(cls_rows, jnp.ones(cls_rows.shape[:1], jnp.float32))
