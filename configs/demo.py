@@ -74,6 +74,14 @@ def get_config(arg=None):
         config.train.dataset = "natural:train"
         config.crops.color_jitter = configs.default_config().crops.color_jitter
         config.evaluation.update(knn_train="natural:train", knn_val="natural:val")
+    elif arg == "highres":
+        configs.require_init_from(config)
+        config.crops.update(global_crops_size=64, local_crops_size=32)
+        config.train.epoch_length = 50
+        config.teacher.momentum_teacher = 0.995
+        config.optim.update(epochs=4, warmup_epochs=1, base_lr=0.001,
+                            freeze_last_layer_epochs=4)
     elif arg:
-        raise ValueError(f"configs/demo.py takes no arg, 'tiny' or 'natural', got {arg!r}")
+        raise ValueError(f"configs/demo.py takes no arg, 'tiny', 'natural' or 'highres', got "
+                         f"{arg!r}")
     return config

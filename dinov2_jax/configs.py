@@ -103,13 +103,21 @@ def large_scale_recipe(arch, batch_size=3072):
     return config
 
 
+def require_init_from(config):
+    """Marks train.init_from as a required override (`--config.train.init_from=WORKDIR`):
+    `validate` fails naming it while it is unset."""
+    config.train.init_from = config_dict.placeholder(str)
+    return config
+
+
 def high_resolution_recipe(arch):
     """The DINOv2 paper's high-resolution phase (Sec. 4, App. B.2) after `large_scale_recipe`:
     10k iterations at 518 px from a pretrained run (`train.init_from`, required), the
     pretraining procedure with its schedules compressed to the phase and a lower lr; the
     recipes' docstrings give each value and its source."""
     config = large_scale_recipe(arch, batch_size=2048)
-    config.train.update(init_from=config_dict.placeholder(str), epoch_length=1000)
+    require_init_from(config)
+    config.train.epoch_length = 1000
     config.crops.update(global_crops_size=518, local_crops_size=224)
     config.teacher.update(warmup_teacher_temp=0.07, warmup_teacher_temp_epochs=0)
     config.optim.update(epochs=10, warmup_epochs=1, base_lr=5e-5, freeze_last_layer_epochs=0)

@@ -1,8 +1,8 @@
 """Warm starts: a run's step-0 state from another run's newest checkpoint (`train.init_from`).
 
 Student and teacher (backbones and heads) and the centers come from the newest committed
-checkpoint of the source workdir, read through a read-only orbax manager straight into this
-run's shardings: nothing in the source is written. The step, the optimizer state and so every
+checkpoint of the source workdir, read (only read) by orbax straight into this run's
+shardings: nothing in the source is written. The step, the optimizer state and so every
 schedule are this run's own, from step 0. Learned position tables are resampled to this run's
 patch grid with the interpolation the model itself applies to other grids
 (`models/pos_embed.py`), so at the new crop size the warm-started networks compute what the
@@ -38,10 +38,8 @@ def newest_checkpoint(path):
     directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not directory.is_dir():
         _fail(f"{path} does not exist or is not a directory")
-    manager = ocp.CheckpointManager(directory,
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step()
-    manager.close()
+    steps = ocp.utils.checkpoint_steps(directory)  # finalized ones only; reads nothing else
+    step = max(steps) if steps else None
     if step is None:
         _fail(f"{path} holds no committed checkpoint (expected WORKDIR/checkpoints/<step>, as "
               "python -m dinov2_jax.main writes them)")
