@@ -1,6 +1,7 @@
 """gs:// end to end against a real local GCS server (fake-gcs-server, tests/gcs_emulator.py):
 a demo:tiny run with its workdir in a bucket, killed with -9 and resumed bit for bit; a
-config-mismatch rerun that leaves the bucket as it was; `data.prepare` writing ArrayRecord
+config-mismatch rerun that leaves the bucket as it was; a warm start (`train.init_from`) from
+a bucket that leaves it as it was; `data.prepare` writing ArrayRecord
 shards to a bucket and a run reading them; `convert` exporting the teacher from the bucket.
 Every run is a real subprocess started in an empty directory, which must stay empty."""
 import os
@@ -116,6 +117,27 @@ def test_a_config_mismatch_on_a_gs_workdir_changes_nothing(gcs, tmp_path):
     assert result.returncode == 1
     assert "config error at ibot.separate_head" in result.stderr
     assert gcs.list_objects(bucket) == before
+
+
+def test_init_from_a_gs_workdir_reads_it_and_leaves_the_bucket_as_it_was(gcs, tmp_path):
+    """train.init_from=gs://...: a run (itself in a bucket) starts from the source run's
+    newest checkpoint, its position tables resampled, and writes nothing into the source."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    short = ("--config.optim.epochs=1", "--config.optim.warmup_epochs=0",
+             "--config.teacher.warmup_teacher_temp_epochs=0",
+             "--config.optim.freeze_last_layer_epochs=0")
+    source = f"{gcs.create_bucket('source')}/run"
+    result = _main(gcs, cwd, source, *short)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = gcs.list_objects("source")
+    result = _main(gcs, cwd, f"{gcs.create_bucket('warm')}/run", *short,
+                   f"--config.train.init_from={source}", "--config.crops.global_crops_size=48")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"initialised from {source} (step 4 of {source}/checkpoints)" in result.stdout
+    assert "resampled student 5x5 -> 6x6, teacher 5x5 -> 6x6" in result.stdout
+    assert _steps(gcs, "warm") == [4]
+    assert gcs.list_objects("source") == before
 
 
 def test_prepare_writes_shards_to_a_bucket_and_a_run_reads_them(gcs, tmp_path):

@@ -282,17 +282,29 @@ def test_bad_config_fails_at_start_up_from_the_command_line(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["vitg14", "vitl14"])
 def test_recipe_smoke_runs_on_cpu(tmp_path, recipe):
+    """The recipe's :smoke, then its high-resolution phase's :smoke from that run."""
     workdir = str(tmp_path / recipe)
+    short = ("--config.optim.epochs=1", "--config.optim.warmup_epochs=0",
+             "--config.teacher.warmup_teacher_temp_epochs=0",
+             "--config.optim.freeze_last_layer_epochs=0")
     result = _python(
         "-m", "dinov2_jax.main", f"--config=configs/{recipe}.py:smoke", f"--workdir={workdir}",
-        "--config.optim.epochs=1", "--config.optim.warmup_epochs=0",
-        "--config.teacher.warmup_teacher_temp_epochs=0", "--config.optim.freeze_last_layer_epochs=0")
+        *short)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     losses = [line["total_loss"] for line in lines if "total_loss" in line]
     assert len(losses) == 3 and all(np.isfinite(losses))
     saved = json.load(open(os.path.join(workdir, "config.json")))
     assert saved["train"]["centering"] == "sinkhorn_knopp" and saved["ibot"]["separate_head"]
+    highres = str(tmp_path / f"{recipe}_highres")
+    result = _python("-m", "dinov2_jax.main", f"--config=configs/{recipe}_highres.py:smoke",
+                     f"--workdir={highres}", f"--config.train.init_from={workdir}", *short)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"initialised from {workdir} (step 3 of" in result.stdout and
+            "resampled student 2x2 -> 3x3, teacher 2x2 -> 3x3" in result.stdout), result.stdout
+    lines = [json.loads(line) for line in open(os.path.join(highres, "metrics.jsonl"))]
+    losses = [line["total_loss"] for line in lines if "total_loss" in line]
+    assert len(losses) == 3 and all(np.isfinite(losses))
 
 
 def _python_ok(*args):
