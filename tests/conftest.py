@@ -54,4 +54,15 @@ def trained_demo(tmp_path_factory):
          f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=2400,
         env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr[-3000:]
-    return TrainedDemo(workdir, result.stdout, time.time() - start)
+    _TRAINED_DEMO_SECONDS.append(time.time() - start)
+    return TrainedDemo(workdir, result.stdout, _TRAINED_DEMO_SECONDS[-1])
+
+
+_TRAINED_DEMO_SECONDS = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The README demo's measured wall time, when this session ran it."""
+    for seconds in _TRAINED_DEMO_SECONDS:
+        terminalreporter.write_line(
+            f"README demo (configs/demo.py, 1,500 steps): {seconds / 60:.1f} minutes")
