@@ -137,7 +137,7 @@ def test_multipliers_equal_the_reference_function_for_every_parameter():
 
 def _config(epoch_length=1):
     return ml_collections.ConfigDict(dict(
-        train=dict(batch_size=1024, epoch_length=epoch_length),
+        train=dict(batch_size=1024, epoch_length=epoch_length, freeze_backbone_steps=0),
         optim=dict(epochs=8, warmup_epochs=2, base_lr=0.05, min_lr=1e-3, weight_decay=0.5,
                    weight_decay_end=2.0, freeze_last_layer_epochs=1, layerwise_decay=0.8,
                    patch_embed_lr_mult=0.2, clip_grad=3.0, adamw_beta1=0.9, adamw_beta2=0.99,
