@@ -249,7 +249,7 @@ def test_mixed_resolution_warm_start_compiles_one_step_per_shape_and_resumes_bit
     extra = (f"--config.train.init_from={moved}", f"--config.crops.resolutions={MIXTURE}")
     uninterrupted = str(tmp_path / "uninterrupted")
     result = subprocess.run(_command(uninterrupted, *extra), cwd=ROOT, capture_output=True,
-                            text=True, timeout=300, env={**ENV, "JAX_LOG_COMPILES": "1"})
+                            text=True, timeout=900, env={**ENV, "JAX_LOG_COMPILES": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"initialised from {moved} (step {SOURCE_STEP}" in result.stdout
     compiles = re.findall(r"Compiling jit\(train_step\) with global shapes and types "
@@ -265,7 +265,7 @@ def test_mixed_resolution_warm_start_compiles_one_step_per_shape_and_resumes_bit
         process = subprocess.Popen(_command(killed, *extra), cwd=ROOT,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                    env=ENV)
-        _wait_for_checkpoint(process, killed, after=random.choice([0, 4, 8, 12, 16]))
+        _wait_for_checkpoint(process, killed, after=random.choice([0, 4, 8, 12, 16]), timeout=600)
         time.sleep(random.uniform(0, 0.2))
         process.kill()
         process.wait()
@@ -273,7 +273,7 @@ def test_mixed_resolution_warm_start_compiles_one_step_per_shape_and_resumes_bit
             break
     assert _committed_steps(killed)[-1] < TOTAL_STEPS, "the run always ended before the kill"
     os.rename(moved, moved + "_gone")  # the resumed run must not need it
-    result = _run(killed, *extra)
+    result = _run(killed, *extra, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from step" in result.stdout and "initialised from" not in result.stdout
     _assert_same_run(uninterrupted, killed, TOTAL_STEPS)
@@ -320,7 +320,8 @@ def _knn_cli(weights_path, output):
 def test_demo_highres_improves_knn_at_64px_over_its_source(trained_demo, tmp_path):
     """configs/demo.py:highres from the trained demo (40 px crops): after its short phase at
     the images' native 64 px, k-NN at 64 px (the k-NN CLI) beats the source teacher's at 64 px
-    (its 5x5 position table interpolated on the fly)."""
+    (its 5x5 position table interpolated on the fly). Measured on a 2-core CPU: 18.2 -> 18.6,
+    two of the 500 val images: the phase barely moves k-NN at this size."""
     workdir = tmp_path / "highres"
     result = _python_ok("-m", "dinov2_jax.main", "--config=configs/demo.py:highres",
                         f"--workdir={workdir}", f"--config.train.init_from={trained_demo.workdir}")
