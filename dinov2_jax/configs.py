@@ -52,7 +52,8 @@ def default_config():
         collapse_intervals=5, collapse_uniform=0.98, collapse_one_prototype=0.05,
         stop_on_collapse=False,
         log_every=20, checkpoint_every=3750, keep_checkpoints=3, total_steps=-1,
-        mask_groups=0,  # iBOT mask groups per host; 0: one per local device (the reference's per GPU)
+        # iBOT mask groups per host; 0: one per local device (the reference's per GPU)
+        mask_groups=0,
         # Warm starts (dinov2_jax/train/warm_start.py): init_from, another run's workdir whose
         # newest checkpoint gives student, teacher and centers at step 0 (optimizer and
         # schedules fresh); freeze_backbone_steps, steps at the start during which only the

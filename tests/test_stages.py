@@ -265,7 +265,8 @@ def test_mixed_resolution_warm_start_compiles_one_step_per_shape_and_resumes_bit
         process = subprocess.Popen(_command(killed, *extra), cwd=ROOT,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                    env=ENV)
-        _wait_for_checkpoint(process, killed, after=random.choice([0, 4, 8, 12, 16]), timeout=600)
+        _wait_for_checkpoint(process, killed, after=random.choice([0, 4, 8, 12, 16]),
+                             timeout=600)
         time.sleep(random.uniform(0, 0.2))
         process.kill()
         process.wait()
@@ -299,7 +300,8 @@ def test_frozen_backbone_keeps_the_pretrained_knn_while_new_heads_train(trained_
         workdir = tmp_path / f"freeze_{steps}"
         _python_ok("-m", "dinov2_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
                    f"--config.student.pretrained_weights={tmp_path / 'backbone'}",
-                   "--config.train.total_steps=100", f"--config.train.freeze_backbone_steps={steps}",
+                   "--config.train.total_steps=100",
+                   f"--config.train.freeze_backbone_steps={steps}",
                    "--config.evaluation.at_start=False")
         end = _knn_at_end(workdir)
         assert end["step"] == 100
