@@ -43,7 +43,11 @@ raw pixels 43.1 (tests/test_natural.py).
     python -m dinov2_jax.main --config=configs/demo.py:natural --workdir=/tmp/dinov2_natural
     python -m dinov2_jax.main --config=configs/demo.py:tiny --workdir=/tmp/t   # seconds, tests
 """
+from ml_collections import config_dict
+
 from dinov2_jax import configs
+
+DISTILL_STEPS = 500  # demo.py:distill and demo.py:small
 
 
 def get_config(arg=None):
@@ -70,10 +74,21 @@ def get_config(arg=None):
         config.optim.update(epochs=2, warmup_epochs=1, freeze_last_layer_epochs=1)
         config.teacher.update(teacher_temp=0.07, warmup_teacher_temp_epochs=1)
         config.evaluation.update(knn_train="", knn_val="")
+    elif arg in ("distill", "small"):
+        # A smaller student (64 wide, 2 heads: 0.21M backbone parameters, the demo's 0.47M)
+        # for DISTILL_STEPS steps: distilled from a demo run, or trained from scratch.
+        config.student.update(embed_dim=64, num_heads=2)
+        epochs = DISTILL_STEPS // config.train.epoch_length
+        config.optim.update(epochs=epochs, freeze_last_layer_epochs=epochs)
+        if arg == "distill":
+            config.student.drop_path_rate = 0.0
+            config.teacher.momentum_teacher = 0.994
+            config.distillation.teacher = config_dict.placeholder(str)
     elif arg == "natural":
         config.train.dataset = "natural:train"
         config.crops.color_jitter = configs.default_config().crops.color_jitter
         config.evaluation.update(knn_train="natural:train", knn_val="natural:val")
     elif arg:
-        raise ValueError(f"configs/demo.py takes no arg, 'tiny' or 'natural', got {arg!r}")
+        raise ValueError("configs/demo.py takes no arg, 'tiny', 'natural', 'distill' or 'small', "
+                         f"got {arg!r}")
     return config

@@ -73,12 +73,15 @@ def mean_metrics(history):
 def format_line(step, total, values, seconds_per_step):
     eta = datetime.timedelta(seconds=int(seconds_per_step * (total - step)))
     mfu = values.get("mfu")
-    parts = [
-        f"step {step}/{total}",
-        f"loss {values['total_loss']:.4f} (dino_local {values['dino_local_crops_loss']:.3f} "
-        f"dino_global {values['dino_global_crops_loss']:.3f} ibot {values['ibot_loss']:.3f} "
-        f"koleo {values['koleo_loss']:.3f})",
-        f"lr {values['lr']:.3g}",
+    # One student: unprefixed losses; several (distillation.students): NAME/total_loss ...
+    prefixes = sorted(key.removesuffix("total_loss") for key in values
+                      if key.endswith("total_loss"))
+    parts = [f"step {step}/{total}"] + [
+        f"{prefix.replace('/', ' ')}loss {values[prefix + 'total_loss']:.4f} (dino_local "
+        f"{values[prefix + 'dino_local_crops_loss']:.3f} dino_global "
+        f"{values[prefix + 'dino_global_crops_loss']:.3f} ibot {values[prefix + 'ibot_loss']:.3f} "
+        f"koleo {values[prefix + 'koleo_loss']:.3f})" for prefix in prefixes] + [
+        f"lr {values[prefixes[0] + 'lr']:.3g}",
         f"t_temp {values['teacher_temp']:.4f}",
         f"H/logK dino {values['dino/entropy']:.2f}/{values['dino/batch_entropy']:.2f} "
         f"ibot {values['ibot/entropy']:.2f}/{values['ibot/batch_entropy']:.2f}",
