@@ -163,11 +163,16 @@ class DistillSetup:
             self._teacher_state = self.teacher.load(self.mesh, self.config.mesh)
         return self._teacher_state
 
+    @functools.cached_property
+    def _jitted_init(self):
+        def init(rng, centers):
+            return {**self.init_state(rng), "centers": centers}
+        return jax.jit(init, out_shardings=self.state_shardings)
+
     def create_state(self):
-        """The step-0 state, born in its shards, with the teacher run's centers."""
-        rng = jax.random.PRNGKey(self.config.train.seed)
-        state = jax.jit(self.init_state, out_shardings=self.state_shardings)(rng)
-        return {**state, "centers": self.teacher_state[1]}
+        """The step-0 state, born in its shards, with (a copy of) the teacher run's centers."""
+        return self._jitted_init(jax.random.PRNGKey(self.config.train.seed),
+                                 self.teacher_state[1])
 
     def train_step(self, batch_shardings):
         """step(state, batch) with the frozen teacher bound; donates the state."""

@@ -97,6 +97,13 @@ def from_config(teacher_config, student_config):
     return teacher_config, networks, abstract, centers
 
 
+def paper_teacher(teacher_config, student_config):
+    """A Teacher with the shapes of a `teacher_config` run and no checkpoint behind it (for
+    memory and FLOP counts on paper; `load` has nothing to read)."""
+    teacher_config, networks, abstract, centers = from_config(teacher_config, student_config)
+    return Teacher("(on paper)", None, 0, teacher_config, networks, abstract, centers)
+
+
 def open_teacher(config):
     """The Teacher of `config.distillation`, checked against the student; reads metadata only."""
     source = config.distillation.teacher
