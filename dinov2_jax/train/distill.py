@@ -14,6 +14,13 @@ frozen teacher of `train/teacher.py`, with
 The teacher temperature follows `config.teacher` as in training (the recipes hold it at its
 final value: a trained teacher needs no warm-up).
 
+A backbone-only teacher (hub/timm/HF weights: no heads, see `train/teacher.py`) is distilled
+by its features instead: the student's cls tokens (every crop) and global-crop patch tokens,
+through a linear `feature_head` to the teacher's width, are pulled to the teacher's cls tokens
+of the two global crops (a global crop to its own view, a local crop to both) and to its patch
+tokens of the same view by cosine distance, `feature_cls_loss + feature_patch_loss`; nothing
+else of the step changes.
+
 Several students (`distillation.students`, DINOv3's `dinov3/train/multidist_meta_arch.py`):
 one teacher forward per step feeds every student's loss, gradient, AdamW update and EMA, in
 the same jitted step on one mesh; each student has its own optimizer (its param groups) and
@@ -32,6 +39,7 @@ import jax.numpy as jnp
 import optax
 
 from dinov2_jax import configs, flops, parallel
+from dinov2_jax.models import heads
 from dinov2_jax.train import optim, schedules as schedules_lib
 from dinov2_jax.train import state as state_lib
 from dinov2_jax.train import step as step_lib
@@ -46,6 +54,18 @@ class Student:
     config: Any
     networks: state_lib.Networks
     optimizer: Any
+    feature_head: Any = None  # a heads.FeatureHead for a backbone-only teacher
+
+    def init(self, rng):
+        """Fresh params: {backbone, dino_head[, ibot_head]}, or {backbone, feature_head}."""
+        if self.feature_head is None:
+            return state_lib.init_student(self.networks, self.config, rng)
+        size = self.config.crops.global_crops_size
+        keys = jax.random.split(rng)
+        backbone = self.networks.backbone
+        features = jnp.zeros((1, backbone.embed_dim))
+        return {"backbone": backbone.init(keys[0], jnp.zeros((1, size, size, 3)))["params"],
+                "feature_head": self.feature_head.init(keys[1], features, features)["params"]}
 
 
 def all_patches_buffer(crops, batch_size, patches, groups):
@@ -63,6 +83,45 @@ def unmasked_batch(batch, patch_size):
                                           batch["mask_indices"].shape[0])
     return {"global_crops": batch["global_crops"], "local_crops": batch["local_crops"],
             "masks": None, "mask_indices": indices, "masks_weight": weights}
+
+
+def _cosine_distance(a, b):
+    a, b = heads.l2_normalize(a.astype(jnp.float32)), heads.l2_normalize(b.astype(jnp.float32))
+    return 1.0 - jnp.sum(a * b, axis=-1)
+
+
+def _teacher_features(teacher, params, batch):
+    """The backbone-only teacher's (cls (2, B, D), patches (2, B, N, D)) of the global crops."""
+    global_crops = batch["global_crops"]
+    out = teacher.networks.backbone.apply({"params": params["backbone"]},
+                                          step_lib._flatten_crops(global_crops))
+    crops = global_crops.shape[0]
+    return jax.lax.stop_gradient((step_lib._unflatten_crops(out["x_norm_clstoken"], crops),
+                                  step_lib._unflatten_crops(out["x_norm_patchtokens"], crops)))
+
+
+def _feature_loss(student, params, batch, teacher_features, rng):
+    """Cosine feature distillation: cls of each crop, patches of each global crop."""
+    teacher_cls, teacher_patches = teacher_features
+    global_crops, local_crops = batch["global_crops"], batch["local_crops"]
+    global_out, local_out = student.networks.backbone.apply(
+        {"params": params["backbone"]}, [step_lib._flatten_crops(global_crops),
+                                         step_lib._flatten_crops(local_crops)],
+        train=True, rngs={"dropout": rng})
+    unflatten = step_lib._unflatten_crops
+    cls = jnp.concatenate([unflatten(global_out["x_norm_clstoken"], global_crops.shape[0]),
+                           unflatten(local_out["x_norm_clstoken"], local_crops.shape[0])])
+    cls, patches = student.feature_head.apply(
+        {"params": params["feature_head"]}, cls,
+        unflatten(global_out["x_norm_patchtokens"], global_crops.shape[0]))
+    n_global = global_crops.shape[0]
+    cls_loss = jnp.concatenate([
+        _cosine_distance(cls[:n_global], teacher_cls).reshape(-1),
+        _cosine_distance(cls[n_global:, None], teacher_cls[None]).reshape(-1)]).mean()
+    patch_loss = jnp.mean(_cosine_distance(patches, teacher_patches))
+    logged = {"feature_cls_loss": cls_loss, "feature_patch_loss": patch_loss,
+              "total_loss": cls_loss + patch_loss}
+    return cls_loss + patch_loss, logged
 
 
 def _slots(state, names):
@@ -85,17 +144,23 @@ def make_distill_step(teacher, students, config, schedules):
         step = state["step"]
         teacher_temp, momentum = schedules.teacher_temp(step), schedules.momentum(step)
         batch = unmasked_batch(batch, config.student.patch_size)
-        targets, centers = step_lib._teacher_targets(teacher.networks, config, teacher_params,
-                                                     state["centers"], batch, teacher_temp)
         rng = jax.random.fold_in(base_rng, step)
-        metrics = {"teacher_temp": teacher_temp, "momentum": momentum,
-                   **step_lib.teacher_statistics(targets, batch["masks_weight"])}
+        metrics = {"teacher_temp": teacher_temp, "momentum": momentum}
+        if teacher.has_heads:
+            targets, centers = step_lib._teacher_targets(teacher.networks, config, teacher_params,
+                                                         state["centers"], batch, teacher_temp)
+            metrics.update(step_lib.teacher_statistics(targets, batch["masks_weight"]))
+        else:
+            features, centers = _teacher_features(teacher, teacher_params, batch), {}
         slots = {}
         for name, slot in _slots(state, names).items():
             student = students[name]
-            grad_fn = jax.value_and_grad(functools.partial(
-                step_lib._student_loss, student.networks, student.config, batch=batch,
-                targets=targets, rng=rng), has_aux=True)
+            loss_fn = (functools.partial(step_lib._student_loss, student.networks,
+                                         student.config, batch=batch, targets=targets, rng=rng)
+                       if teacher.has_heads else
+                       functools.partial(_feature_loss, student, batch=batch,
+                                         teacher_features=features, rng=rng))
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
             (loss, logged), grads = grad_fn(slot["student"])
             updates, opt_state = student.optimizer.update(grads, slot["opt_state"],
                                                           slot["student"])
@@ -126,12 +191,14 @@ class DistillSetup:
                    or {"": config})
         rng = jax.random.PRNGKey(config.train.seed)
         self.students = {}
+        feature_head = None if teacher.has_heads else heads.FeatureHead(
+            teacher.networks.backbone.embed_dim, dtype=jnp.dtype(config.student.dtype))
         for name, student_config in singles.items():
-            networks = state_lib.build_networks(student_config)
-            shapes = jax.eval_shape(
-                functools.partial(state_lib.init_student, networks, student_config), rng)
-            self.students[name] = Student(student_config, networks, optim.make_optimizer(
-                student_config, shapes, self.schedules))
+            student = Student(student_config, state_lib.build_networks(student_config), None,
+                              feature_head)
+            optimizer = optim.make_optimizer(student_config, jax.eval_shape(student.init, rng),
+                                             self.schedules)
+            self.students[name] = dataclasses.replace(student, optimizer=optimizer)
         abstract = jax.eval_shape(self.init_state, rng)
         self.state_shardings = parallel.state_shardings(abstract, mesh, config.mesh)
         self.abstract_state = jax.tree.map(
@@ -147,7 +214,7 @@ class DistillSetup:
         """Step 0: fresh students, each EMA equal to its student, zero centers."""
         slots = {}
         for name, student in self.students.items():
-            params = state_lib.init_student(student.networks, student.config, rng)
+            params = student.init(rng)
             slots[name] = {"student": params, "opt_state": student.optimizer.init(params),
                            "student_ema": jax.tree.map(jnp.copy, params)}
         centers = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
@@ -193,11 +260,24 @@ class DistillSetup:
         """{"teacher": forward FLOPs, "student"/NAME: forward + backward FLOPs} per step."""
         batch, crops = self.config.train.batch_size, self.config.crops
         patch_rows = 2 * batch * (crops.global_crops_size // self.config.student.patch_size) ** 2
-        out = {"teacher": flops.teacher_forward_flops(self.teacher.networks, crops, batch,
-                                                      patch_rows)}
+        teacher = self.teacher.networks
+        if self.teacher.has_heads:
+            out = {"teacher": flops.teacher_forward_flops(teacher, crops, batch, patch_rows)}
+        else:
+            out = {"teacher": 2 * batch * flops.backbone_flops(teacher.backbone,
+                                                               crops.global_crops_size)}
         for name, student in self.students.items():
-            out[name or "student"] = 3 * flops.student_forward_flops(student.networks, crops,
-                                                                     batch, patch_rows)
+            if self.teacher.has_heads:
+                forward = flops.student_forward_flops(student.networks, crops, batch, patch_rows)
+            else:
+                rows = (2 + crops.local_crops_number) * batch + patch_rows
+                forward = (2 * batch * flops.backbone_flops(student.networks.backbone,
+                                                            crops.global_crops_size)
+                           + crops.local_crops_number * batch * flops.backbone_flops(
+                               student.networks.backbone, crops.local_crops_size)
+                           + rows * 2 * student.networks.backbone.embed_dim
+                           * teacher.backbone.embed_dim)
+            out[name or "student"] = 3 * forward
         return out
 
     def final_models(self, state):

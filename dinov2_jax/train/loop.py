@@ -40,9 +40,11 @@ class CollapseError(RuntimeError):
 def train(config, workdir, evaluate=None):
     """Trains `config` in `workdir` (local or gs://), resuming from its newest checkpoint.
 
-    `evaluate(model, teacher_backbone_params) -> {name: float}` runs at step 0 when
-    evaluation.at_start, every evaluation.every steps and at the end. Returns the last
-    interval's metrics and the last evaluation's results.
+    `evaluate(model, backbone_params) -> {name: float}` runs on the run's final model (the
+    EMA teacher; a distillation's EMA student, each student's results prefixed `NAME/`) at
+    step 0 when evaluation.at_start, every evaluation.every steps and at the end. Returns the
+    last interval's metrics and the last evaluation's results. A config with
+    `distillation.teacher` builds through `train/distill.py` instead of `train/setup.py`.
     """
     configs.validate(config, jax.device_count(), jax.process_count())
     workdir = epath.Path(workdir)
@@ -167,10 +169,13 @@ def _teacher_report(setup, writer):
     by_network = setup.flops_by_network()
     writer.write(0, {f"flops/{name}": value for name, value in by_network.items()})
     writer.console(
-        f"frozen teacher: {teacher.source} step {teacher.step}, "
-        f"{sum(leaf.size for leaf in leaves):,} parameters (backbone and heads), "
+        f"frozen teacher: {teacher.source}"
+        + (f" step {teacher.step}, " if teacher.has_heads else ", ")
+        + f"{sum(leaf.size for leaf in leaves):,} parameters ("
+        + ("backbone and heads" if teacher.has_heads else "backbone only: feature distillation")
+        + f"), "
         f"{sharded} of {len(leaves)} leaves sharded over mesh {dict(setup.mesh.shape)}; "
-        "GFLOP per step: " + ", ".join(f"{name} {value / 1e9:.1f}"
+        "GFLOP per step: " + ", ".join(f"{name} {value / 1e9:.3g}"
                                        for name, value in by_network.items())
         + " (teacher: forward once; students: forward + backward)")
 
@@ -262,8 +267,8 @@ class _CollapseWatch:
         self._train, self._streaks = train, {}
 
     def check(self, step, values):
-        if not self._train.collapse_intervals:
-            return
+        if not self._train.collapse_intervals or "dino/entropy" not in values:
+            return  # off, or a feature-distillation run (its teacher has no heads)
         for head in ("dino", "ibot"):
             entropy, batch = values[f"{head}/entropy"], values[f"{head}/batch_entropy"]
             kind = ("uniform" if entropy >= self._train.collapse_uniform else

@@ -7,8 +7,12 @@ centers (`state/centers`, where distillation starts its own running centers); it
 gives the networks. The student, the optimizer state and the data position are never read,
 and the source is opened read-only. A teacher is frozen: no gradient, no EMA.
 
-Hub, timm and Hugging Face files carry no DINO/iBOT heads, so they cannot give DINOv2's
-targets on their own; `open_teacher` says so when given one.
+Backbone weights (a dinov2_jax weights dir, or a hub / timm / Hugging Face torch file with
+`distillation.teacher_arch`) carry no DINO/iBOT heads: the released ViT-g has none. Such a
+teacher is distilled by its features: the student's cls and patch tokens, through a linear
+`feature_head`, match the teacher's by cosine (`train/distill.py`). That was chosen over first
+training heads on the frozen backbone because it needs no extra run or schedule and no heads
+whose quality would bound the student, and it uses everything the released weights hold.
 
 Start-up errors (ConfigError naming `distillation.teacher`): a missing or unreadable source,
 `distillation.teacher_arch` not matching the checkpoint (the first differing parameter and both
@@ -18,12 +22,13 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from dinov2_jax import configs, parallel
+from dinov2_jax import configs, parallel, weights
 from dinov2_jax.errors import ConfigError
 from dinov2_jax.models import vit
 from dinov2_jax.train import checkpoint as checkpoint_lib
@@ -40,6 +45,11 @@ class Teacher:
     networks: state_lib.Networks
     abstract_params: Any  # {backbone, dino_head[, ibot_head]} ShapeDtypeStructs
     abstract_centers: Any
+    host_params: Any = None  # backbone-only teachers: the params, read at open
+
+    @property
+    def has_heads(self):
+        return self.networks.dino_head is not None
 
     def shardings(self, mesh, mesh_config):
         """NamedShardings of (params, centers) by the run's FSDP rules."""
@@ -50,6 +60,8 @@ class Teacher:
     def load(self, mesh, mesh_config):
         """(params, centers) read straight into their shards on `mesh`."""
         params_sharding, centers_sharding = self.shardings(mesh, mesh_config)
+        if self.host_params is not None:
+            return jax.device_put(self.host_params, params_sharding), {}
         target = {"teacher": _with_shardings(self.abstract_params, params_sharding),
                   "centers": _with_shardings(self.abstract_centers, centers_sharding)}
         restored = ocp.PyTreeCheckpointer().restore(self.state_dir, args=ocp.args.PyTreeRestore(
@@ -74,8 +86,7 @@ def _newest_step(source):
     if not path.exists():
         _fail(f"{source} does not exist")
     if path.is_file() or (path / "model.json").exists():
-        _fail(f"{source} is backbone weights without DINO/iBOT heads, which the distillation "
-              "targets need; pass a dinov2_jax training workdir (its EMA teacher and heads)")
+        return None, None
     if (path / "checkpoints").is_dir():
         return path / "checkpoints", None
     if path.name.isdigit():
@@ -108,6 +119,8 @@ def open_teacher(config):
     """The Teacher of `config.distillation`, checked against the student; reads metadata only."""
     source = config.distillation.teacher
     directory, step = _newest_step(source)
+    if directory is None:
+        return _backbone_teacher(config, source)
     try:
         manager = ocp.CheckpointManager(directory,
                                         options=ocp.CheckpointManagerOptions(read_only=True))
@@ -137,6 +150,23 @@ def open_teacher(config):
     _check_against_student(config, teacher_run, networks)
     return Teacher(source, directory / str(step) / "state", step, teacher_config, networks,
                    abstract, centers)
+
+
+def _backbone_teacher(config, source):
+    """A teacher of backbone weights only (feature distillation), params read now."""
+    try:
+        model, params = weights.load(source, config.distillation.teacher_arch or None)
+    except ConfigError as error:
+        _fail(f"{source}: {error}".replace("an arch (e.g.", "distillation.teacher_arch (e.g."))
+    if model.patch_size != config.student.patch_size:
+        _fail(f"the teacher's patch size {model.patch_size} differs from "
+              f"student.patch_size={config.student.patch_size}: the patch features are paired")
+    backbone = model.clone(dtype=jnp.dtype(config.student.dtype), drop_path_rate=0.0,
+                           attention_backend=config.student.attention)
+    params = {"backbone": params}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32), params)
+    return Teacher(source, None, 0, None, state_lib.Networks(backbone, None, None), abstract,
+                   {}, host_params=jax.tree.map(lambda x: np.asarray(x, np.float32), params))
 
 
 def _shapes(tree):
