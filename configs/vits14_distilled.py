@@ -1,7 +1,7 @@
 """ViT-S/14 distilled from a frozen ViT-g/14 (a `configs/vitg14.py` run), the DINOv2
-paper's distillation (dinov2_jax/train/distill.py): the vits14 recipe (with the released
-model's MLP FFN) with no stochastic depth,
-no masking, iBOT on every global-crop patch, and the EMA student as the final model.
+paper's distillation (dinov2_jax/train/distill.py): the vits14 recipe with the released model's
+MLP FFN, no stochastic depth, no masking, iBOT on every global-crop patch, and the EMA student
+as the final model.
 
     python -m dinov2_jax.main --config=configs/vits14_distilled.py --workdir=gs://bucket/vits14_distilled \
         --config.distillation.teacher=gs://bucket/vitg14 \
