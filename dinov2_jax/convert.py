@@ -31,7 +31,7 @@ def _define(flag_values):
                         flag_values=flag_values)
     flags.DEFINE_enum("format", None, weights.EXPORT_FORMATS, "export layout (jax -> torch)",
                       flag_values=flag_values)
-    flags.DEFINE_enum("params", None, weights.NETWORKS, "network of a training checkpoint "
+    flags.DEFINE_enum("params", None, weights.ALL_NETWORKS, "network of a training checkpoint "
                       "(default: the run's final model)", flag_values=flag_values)
     flags.DEFINE_string("student", None, "student name of a multi-student distillation run",
                         flag_values=flag_values)

@@ -37,7 +37,8 @@ MODEL_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "ml
                 "rope_shift", "rope_jitter", "rope_rescale", "rope_periods_dtype", "qkv_bias",
                 "mask_k_bias", "layernorm_eps", "swiglu_unpacked", "ffn_align",
                 "untie_local_cls_norm")
-NETWORKS = ("teacher", "student", "student_ema")  # student_ema: distillation runs
+NETWORKS = ("teacher", "student")  # of a DINOv2 run
+ALL_NETWORKS = NETWORKS + ("student_ema",)  # a distillation run: student_ema and student
 EXPORT_FORMATS = ("hub", "timm", "hf")
 
 
@@ -118,8 +119,8 @@ def load_checkpoint(path, network=None, student=None):
     distilled students (`distillation.students`). Only that network's backbone is read. The
     model is returned without drop path, in fp32.
     """
-    if network is not None and network not in NETWORKS:
-        raise ConfigError(f"network must be one of {NETWORKS}, got {network!r}")
+    if network is not None and network not in ALL_NETWORKS:
+        raise ConfigError(f"network must be one of {ALL_NETWORKS}, got {network!r}")
     path = _absolute(path)
     directory, step = path, None
     if (path / "checkpoints").is_dir():

@@ -23,7 +23,7 @@ def define_model_flags(flag_values, *, size=224, batch_size=256):
                         ".pth/.safetensors file", required=True, flag_values=flag_values)
     flags.DEFINE_string("arch", None, "hub name (vits14, vitl14_reg, ...) or size (vit_large); "
                         "torch files only", flag_values=flag_values)
-    flags.DEFINE_enum("network", None, weights.NETWORKS, "network of a training workdir "
+    flags.DEFINE_enum("network", None, weights.ALL_NETWORKS, "network of a training workdir "
                       "(default: the run's final model)", flag_values=flag_values)
     flags.DEFINE_string("student", None, "student name of a multi-student distillation run",
                         flag_values=flag_values)
