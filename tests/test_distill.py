@@ -392,6 +392,7 @@ def test_two_students_in_one_step_equal_two_single_runs_and_are_faster(tmp_path)
     assert ratio < 1.0
 
 
+@pytest.mark.slow
 def test_distilled_recipes_smoke(tmp_path):
     """configs/vit{s,b,l}14_distilled.py:smoke and vit_family_distilled.py:smoke build against
     a vitg14:smoke teacher; the ViT-L one runs its steps through the command line."""
