@@ -45,6 +45,10 @@ raw pixels 43.1 (tests/test_natural.py).
 """
 from dinov2_jax import configs
 
+V3_EPOCHS = 10  # demo:v3: 1,000 steps
+V3_GRAM_START = 500  # demo:v3: the step whose EMA teacher becomes the Gram teacher
+V3_GRAM_WEIGHT = 1.0
+
 
 def get_config(arg=None):
     config = configs.default_config()
@@ -74,6 +78,15 @@ def get_config(arg=None):
         config.train.dataset = "natural:train"
         config.crops.color_jitter = configs.default_config().crops.color_jitter
         config.evaluation.update(knn_train="natural:train", knn_val="natural:val")
+    elif arg == "v3":
+        # DINOv3's architecture and Gram anchoring on the same data: RoPE, 4 storage tokens,
+        # the DINOv3 DINO loss form, and from step GRAM_START the Gram loss against a copy of
+        # the EMA teacher taken then.
+        config.student.update(pos_embed="rope", num_register_tokens=4)
+        config.dino.loss_form = "dinov3"
+        config.optim.update(epochs=V3_EPOCHS, freeze_last_layer_epochs=V3_EPOCHS)
+        config.gram.update(use_loss=True, it_load_ema_teacher=V3_GRAM_START, rep_update=False,
+                           loss_weight=V3_GRAM_WEIGHT, img_level=True)
     elif arg:
-        raise ValueError(f"configs/demo.py takes no arg, 'tiny' or 'natural', got {arg!r}")
+        raise ValueError(f"configs/demo.py takes no arg, 'tiny', 'natural' or 'v3', got {arg!r}")
     return config
