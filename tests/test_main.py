@@ -280,11 +280,15 @@ def test_bad_config_fails_at_start_up_from_the_command_line(tmp_path):
     assert not os.path.exists(tmp_path / "bad" / "checkpoints")
 
 
-@pytest.mark.parametrize("recipe", ["vitg14", "vitl14"])
+@pytest.mark.parametrize("recipe", ["vitg14.py:smoke", "vitl14.py:smoke",
+                                    "dinov3_vitl16_im1k.py:smoke",
+                                    "dinov3_vit7b16.py:pretrain,smoke",
+                                    "dinov3_vit7b16.py:gram,smoke",
+                                    "dinov3_vit7b16.py:highres,smoke"])
 def test_recipe_smoke_runs_on_cpu(tmp_path, recipe):
-    workdir = str(tmp_path / recipe)
+    workdir = str(tmp_path / recipe.replace(":", "_").replace(",", "_"))
     result = _python(
-        "-m", "dinov2_jax.main", f"--config=configs/{recipe}.py:smoke", f"--workdir={workdir}",
+        "-m", "dinov2_jax.main", f"--config=configs/{recipe}", f"--workdir={workdir}",
         "--config.optim.epochs=1", "--config.optim.warmup_epochs=0",
         "--config.teacher.warmup_teacher_temp_epochs=0", "--config.optim.freeze_last_layer_epochs=0")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -293,6 +297,9 @@ def test_recipe_smoke_runs_on_cpu(tmp_path, recipe):
     assert len(losses) == 3 and all(np.isfinite(losses))
     saved = json.load(open(os.path.join(workdir, "config.json")))
     assert saved["train"]["centering"] == "sinkhorn_knopp" and saved["ibot"]["separate_head"]
+    if saved["gram"]["use_loss"]:  # the Gram teacher is copied at step 1: the loss is on
+        gram = [line["gram_loss"] for line in lines if "gram_loss" in line]
+        assert gram[0] == 0 and all(value > 0 for value in gram[1:]), gram
 
 
 def _python_ok(*args):

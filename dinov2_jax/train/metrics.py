@@ -77,7 +77,8 @@ def format_line(step, total, values, seconds_per_step):
         f"step {step}/{total}",
         f"loss {values['total_loss']:.4f} (dino_local {values['dino_local_crops_loss']:.3f} "
         f"dino_global {values['dino_global_crops_loss']:.3f} ibot {values['ibot_loss']:.3f} "
-        f"koleo {values['koleo_loss']:.3f})",
+        f"koleo {values['koleo_loss']:.3f}"
+        + (f" gram {values['gram_loss']:.4f}" if "gram_loss" in values else "") + ")",
         f"lr {values['lr']:.3g}",
         f"t_temp {values['teacher_temp']:.4f}",
         f"H/logK dino {values['dino/entropy']:.2f}/{values['dino/batch_entropy']:.2f} "

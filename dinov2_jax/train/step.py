@@ -4,13 +4,24 @@ Batch layout (see `dinov2_jax.data`): global crops (2, B, H, W, 3) crop-major, l
 (n_local, B, h, w, 3), masks (2, B, N), and the static masked-patch buffer `mask_indices` /
 `masks_weight` (G, U): per mask group g of B/G consecutive images (the reference's per-GPU
 batch), flat indices into that group's (2, B/G, N) patch grid. Groups stand for the
-reference's ranks wherever it reduces per rank: the iBOT center and KoLeo.
+reference's ranks wherever it reduces per rank: the iBOT center and KoLeo. With DINOv3's Gram
+anchoring the batch may also hold "gram_teacher_crops" (2, B, H', W', 3), the global crops'
+boxes at the Gram teacher's size.
+
+DINOv3 options (`dinov3/train/ssl_meta_arch.py`, `dinov3/train/train.py`), all off by default:
+`dino.loss_form="dinov3"` (pair-mean DINO terms split by pair counts, same-view pairs left out),
+the local-crop DINO weight schedule, distributed KoLeo over groups of devices (under
+`jax.shard_map` on the run's mesh), and the Gram loss against a third backbone that the step
+itself copies from the EMA teacher (at `gram.it_load_ema_teacher`, then every
+`gram.update_frequency` steps up to `gram.max_updates` times) with `lax.cond` on the step, so
+the state's shapes never change and a resumed run is exact.
 """
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
-from dinov2_jax import losses
+from dinov2_jax import losses, parallel
 from dinov2_jax.train import state as state_lib
 
 
