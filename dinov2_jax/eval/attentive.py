@@ -167,7 +167,7 @@ def main(argv=None):
                        dtype=jnp.dtype(args.dtype), num_workers=args.num_workers,
                        seed=args.seed)
     dense.report(results, args, "attentive", train=args.train, val=args.val,
-                        epochs=args.epochs)
+                 epochs=args.epochs)
 
 
 if __name__ == "__main__":

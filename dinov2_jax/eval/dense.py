@@ -31,6 +31,14 @@ from dinov2_jax.configs import ConfigError
 from dinov2_jax.eval import cli_flags, dense_data, extract
 from dinov2_jax.models import vit
 
+# The heads' optimisation, shared by the segmentation and depth probes (mmseg's linear-head
+# schedule, which the depth toolbox's configs use too): AdamW, poly decay, linear warm-up.
+HEAD_STEPS = 40_000
+HEAD_BATCH_SIZE = 16
+HEAD_LR = 1e-3
+HEAD_WEIGHT_DECAY = 1e-4
+HEAD_WARMUP_STEPS = 1_500
+
 # Blocks the depth protocol's 4-layer variant reads (0-based), from the reference's
 # dinov2/hub/depthers.py: {3, 6, 9, 12}, {5, 12, 18, 24}, {10, 20, 30, 40} in the paper.
 SPREAD_LAYERS = {12: (2, 5, 8, 11), 24: (4, 11, 17, 23), 40: (9, 19, 29, 39)}
@@ -320,6 +328,30 @@ def predict_image(variables, patch, cls, boxes, *, window_maps, view_specs, out_
     return total / len(view_specs)
 
 
+class WindowMaps:
+    """Hashable window -> (n, S, S, K) map of a trained head for `predict_image`: the head's
+    (n, h, w, K) output on a window's (patch, cls) tokens (or (n, h, w) with `channel`, given
+    a channel axis) resized bilinearly to the window's pixels."""
+
+    def __init__(self, head, patch_size, channel=False):
+        self.head, self.patch_size, self.channel = head, patch_size, channel
+
+    def __call__(self, variables, patch, cls):
+        out = self.head.apply(variables, patch.astype(jnp.float32), cls.astype(jnp.float32),
+                              train=False)
+        size = patch.shape[1] * self.patch_size
+        return resize_bilinear(out[..., None] if self.channel else out, (size, size))
+
+    def _key(self):
+        return self.head, self.patch_size, self.channel
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, WindowMaps) and self._key() == other._key()
+
+
 def image_windows(cache, index):
     """(patch, cls, boxes, view_specs) of image `index` in an evaluation cache."""
     rows = np.flatnonzero(cache.image == index)
@@ -339,6 +371,39 @@ def define_flags(flag_values, *, size, batch_size):
     """The model flags (`cli_flags.define_model_flags`) and --output."""
     cli_flags.define_model_flags(flag_values, size=size, batch_size=batch_size)
     flags.DEFINE_string("output", None, "results JSON file", flag_values=flag_values)
+
+
+def define_head_flags(flag_values):
+    """Flags of the window heads' training and caching, shared by segmentation and depth."""
+    flags.DEFINE_integer("stride", None, "window stride (default 2/3 of --size)",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("steps", HEAD_STEPS, "head training steps", flag_values=flag_values)
+    flags.DEFINE_integer("head_batch_size", HEAD_BATCH_SIZE, "windows per head step",
+                         flag_values=flag_values)
+    flags.DEFINE_float("lr", HEAD_LR, "peak AdamW learning rate", flag_values=flag_values)
+    flags.DEFINE_float("weight_decay", HEAD_WEIGHT_DECAY, "AdamW weight decay",
+                       flag_values=flag_values)
+    flags.DEFINE_integer("warmup_steps", HEAD_WARMUP_STEPS, "linear warm-up steps",
+                         flag_values=flag_values)
+    flags.DEFINE_boolean("train_flip", False, "also cache the mirrored training views",
+                         flag_values=flag_values)
+    flags.DEFINE_enum("train_windows", "random", ("random", "all"), "one random window per "
+                      "training view, or all of them", flag_values=flag_values)
+    flags.DEFINE_enum("cache_dtype", "float32", ("float32", "bfloat16"), "dtype of the cached "
+                      "features on the host (bfloat16 halves their memory)",
+                      flag_values=flag_values)
+    flags.DEFINE_integer("seed", 0, "seed of the head init and window order",
+                         flag_values=flag_values)
+
+
+def head_arguments(flag_values):
+    """The `evaluate` keyword arguments that `define_head_flags` sets."""
+    args = flag_values
+    return dict(stride=args.stride, steps=args.steps, head_batch_size=args.head_batch_size,
+                lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                train_flip=args.train_flip, random_window=args.train_windows == "random",
+                cache_dtype=jnp.dtype(args.cache_dtype), num_workers=max(1, args.num_workers),
+                seed=args.seed)
 
 
 def load_model(flag_values):

@@ -47,11 +47,6 @@ UPSAMPLE = 4
 SIGLOSS_EPS = 1e-3
 SIGLOSS_LAMBDA = 0.15
 SIGLOSS_WARMUP = 100
-STEPS = 40_000
-HEAD_BATCH_SIZE = 16
-LEARNING_RATE = 1e-3
-WEIGHT_DECAY = 1e-4
-WARMUP_STEPS = 1_500
 METRICS = ("rmse", "abs_rel", "sq_rel", "rmse_log", "log10", "silog", "a1", "a2", "a3")
 
 
@@ -113,34 +108,15 @@ def depth_metrics(prediction, target, valid):
     }
 
 
-class _WindowDepth:
-    """Hashable window -> (n, S, S, 1) depth map for `dense.predict_image`."""
-
-    def __init__(self, head, patch_size):
-        self.head, self.patch_size = head, patch_size
-
-    def __call__(self, variables, patch, cls):
-        depth = self.head.apply(variables, patch.astype(jnp.float32), cls.astype(jnp.float32),
-                                train=False)
-        size = patch.shape[1] * self.patch_size
-        return dense.resize_bilinear(depth[..., None], (size, size))
-
-    def __hash__(self):
-        return hash((self.head, self.patch_size))
-
-    def __eq__(self, other):
-        return (isinstance(other, _WindowDepth)
-                and (self.head, self.patch_size) == (other.head, other.patch_size))
-
-
 def _identity(x):
     return x
 
 
 def evaluate(model, params, train_source, val_source, *, image_size, batch_size=32,
-             layers=1, regression=False, flip=False, stride=None, steps=STEPS,
-             head_batch_size=HEAD_BATCH_SIZE, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
-             warmup_steps=WARMUP_STEPS, train_scales=(1.0,), train_flip=False,
+             layers=1, regression=False, flip=False, stride=None,
+             steps=dense.HEAD_STEPS, head_batch_size=dense.HEAD_BATCH_SIZE, lr=dense.HEAD_LR,
+             weight_decay=dense.HEAD_WEIGHT_DECAY, warmup_steps=dense.HEAD_WARMUP_STEPS,
+             train_scales=(1.0,), train_flip=False,
              random_window=True, cache_dtype=np.float32, num_workers=4, seed=0,
              keep_predictions=0, progress=True):
     """Trains the linear depth head on `train_source` and scores it on `val_source`.
@@ -178,7 +154,7 @@ def evaluate(model, params, train_source, val_source, *, image_size, batch_size=
     val = dense.extract_windows(model, params, val_source, train=False, flip=flip,
                                 desc="depth val features", **common)
     variables = jax.device_get(variables)
-    window_depth = _WindowDepth(head, model.patch_size)
+    window_depth = dense.WindowMaps(head, model.patch_size, channel=True)
     totals = {name: 0.0 for name in METRICS}
     baseline, scored, predictions = 0.0, 0, []
     for index in tqdm.tqdm(sorted(val.views), desc="depth val", file=sys.stderr,
@@ -224,24 +200,7 @@ def _define(flag_values):
     flags.DEFINE_boolean("regression", False, "regress depth instead of 256 bins",
                          flag_values=flag_values)
     flags.DEFINE_boolean("flip", False, "average mirrored test views", flag_values=flag_values)
-    flags.DEFINE_integer("stride", None, "window stride (default 2/3 of --size)",
-                         flag_values=flag_values)
-    flags.DEFINE_integer("steps", STEPS, "head training steps", flag_values=flag_values)
-    flags.DEFINE_integer("head_batch_size", HEAD_BATCH_SIZE, "windows per head step",
-                         flag_values=flag_values)
-    flags.DEFINE_float("lr", LEARNING_RATE, "peak AdamW learning rate", flag_values=flag_values)
-    flags.DEFINE_float("weight_decay", WEIGHT_DECAY, "AdamW weight decay",
-                       flag_values=flag_values)
-    flags.DEFINE_integer("warmup_steps", WARMUP_STEPS, "linear warm-up steps",
-                         flag_values=flag_values)
-    flags.DEFINE_boolean("train_flip", False, "also cache the mirrored training views",
-                         flag_values=flag_values)
-    flags.DEFINE_enum("train_windows", "random", ("random", "all"), "one random window per "
-                      "training view, or all of them", flag_values=flag_values)
-    flags.DEFINE_enum("cache_dtype", "float32", ("float32", "bfloat16"), "dtype of the cached "
-                      "features on the host", flag_values=flag_values)
-    flags.DEFINE_integer("seed", 0, "seed of the head init and window order",
-                         flag_values=flag_values)
+    dense.define_head_flags(flag_values)
 
 
 def main(argv=None):
@@ -249,14 +208,10 @@ def main(argv=None):
     model, params = dense.load_model(args)
     results, _ = evaluate(
         model, params, args.train, args.val, image_size=args.size, batch_size=args.batch_size,
-        layers=int(args.layers), regression=args.regression, flip=args.flip, stride=args.stride,
-        steps=args.steps, head_batch_size=args.head_batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-        train_flip=args.train_flip, random_window=args.train_windows == "random",
-        cache_dtype=jnp.dtype(args.cache_dtype), num_workers=max(1, args.num_workers),
-        seed=args.seed)
+        layers=int(args.layers), regression=args.regression, flip=args.flip,
+        **dense.head_arguments(args))
     dense.report(results, args, "depth", train=args.train, val=args.val,
-                        layers=int(args.layers), regression=args.regression, steps=args.steps)
+                 layers=int(args.layers), regression=args.regression, steps=args.steps)
 
 
 if __name__ == "__main__":

@@ -39,11 +39,6 @@ from dinov2_jax.configs import ConfigError
 from dinov2_jax.eval import dense, dense_data
 
 MULTISCALE_RATIOS = (1.0, 1.32, 1.73, 2.28, 3.0)
-STEPS = 40_000
-HEAD_BATCH_SIZE = 16
-LEARNING_RATE = 1e-3
-WEIGHT_DECAY = 1e-4
-WARMUP_STEPS = 1_500
 
 
 class LinearHead(nn.Module):
@@ -95,34 +90,15 @@ def metrics_from_confusion(confusion, prefix="segmentation"):
     return results
 
 
-class _WindowLogits:
-    """Hashable window -> logits map for `dense.predict_image`."""
-
-    def __init__(self, head, patch_size):
-        self.head, self.patch_size = head, patch_size
-
-    def __call__(self, variables, patch, cls):
-        logits = self.head.apply(variables, patch.astype(jnp.float32), cls.astype(jnp.float32),
-                                 train=False)
-        size = patch.shape[1] * self.patch_size
-        return dense.resize_bilinear(logits, (size, size))
-
-    def __hash__(self):
-        return hash((self.head, self.patch_size))
-
-    def __eq__(self, other):
-        return (isinstance(other, _WindowLogits)
-                and (self.head, self.patch_size) == (other.head, other.patch_size))
-
-
 def _softmax(x):
     return jax.nn.softmax(x, axis=-1)
 
 
 def evaluate(model, params, train_source, val_source, *, image_size, batch_size=32,
-             layers=1, multiscale=False, scales=MULTISCALE_RATIOS, stride=None, steps=STEPS,
-             head_batch_size=HEAD_BATCH_SIZE, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
-             warmup_steps=WARMUP_STEPS, train_scales=(1.0,), train_flip=False,
+             layers=1, multiscale=False, scales=MULTISCALE_RATIOS, stride=None,
+             steps=dense.HEAD_STEPS, head_batch_size=dense.HEAD_BATCH_SIZE, lr=dense.HEAD_LR,
+             weight_decay=dense.HEAD_WEIGHT_DECAY, warmup_steps=dense.HEAD_WARMUP_STEPS,
+             train_scales=(1.0,), train_flip=False,
              random_window=True, cache_dtype=np.float32, num_workers=4, seed=0,
              keep_predictions=0, progress=True):
     """Trains the linear head on `train_source` windows and scores it on `val_source`.
@@ -160,7 +136,7 @@ def evaluate(model, params, train_source, val_source, *, image_size, batch_size=
                                 scales=tuple(scales) if multiscale else (1.0,), flip=multiscale,
                                 desc="segmentation val features", **common)
     variables = jax.device_get(variables)
-    window_logits = _WindowLogits(head, model.patch_size)
+    window_logits = dense.WindowMaps(head, model.patch_size)
     confusion = np.zeros((num_classes, num_classes), np.int64)
     predictions = []
     for index in tqdm.tqdm(sorted(val.views), desc="segmentation val", file=sys.stderr,
@@ -203,27 +179,9 @@ def _define(flag_values):
                          flag_values=flag_values)
     flags.DEFINE_string("scales", ",".join(map(str, MULTISCALE_RATIOS)),
                         "test-time scales with --multiscale", flag_values=flag_values)
-    flags.DEFINE_integer("stride", None, "window stride (default 2/3 of --size)",
-                         flag_values=flag_values)
-    flags.DEFINE_integer("steps", STEPS, "head training steps", flag_values=flag_values)
-    flags.DEFINE_integer("head_batch_size", HEAD_BATCH_SIZE, "windows per head step",
-                         flag_values=flag_values)
-    flags.DEFINE_float("lr", LEARNING_RATE, "peak AdamW learning rate", flag_values=flag_values)
-    flags.DEFINE_float("weight_decay", WEIGHT_DECAY, "AdamW weight decay",
-                       flag_values=flag_values)
-    flags.DEFINE_integer("warmup_steps", WARMUP_STEPS, "linear warm-up steps",
-                         flag_values=flag_values)
     flags.DEFINE_string("train_scales", "1.0", "fixed rescaled views of each training image",
                         flag_values=flag_values)
-    flags.DEFINE_boolean("train_flip", False, "also cache the mirrored training views",
-                         flag_values=flag_values)
-    flags.DEFINE_enum("train_windows", "random", ("random", "all"), "one random window per "
-                      "training view, or all of them", flag_values=flag_values)
-    flags.DEFINE_enum("cache_dtype", "float32", ("float32", "bfloat16"), "dtype of the cached "
-                      "features on the host (bfloat16 halves their memory)",
-                      flag_values=flag_values)
-    flags.DEFINE_integer("seed", 0, "seed of the head init and window order",
-                         flag_values=flag_values)
+    dense.define_head_flags(flag_values)
 
 
 def main(argv=None):
@@ -232,14 +190,11 @@ def main(argv=None):
     results, _ = evaluate(
         model, params, args.train, args.val, image_size=args.size, batch_size=args.batch_size,
         layers=int(args.layers), multiscale=args.multiscale,
-        scales=_floats(args.scales, "scales"), stride=args.stride, steps=args.steps,
-        head_batch_size=args.head_batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, train_scales=_floats(args.train_scales, "train_scales"),
-        train_flip=args.train_flip, random_window=args.train_windows == "random",
-        cache_dtype=jnp.dtype(args.cache_dtype), num_workers=max(1, args.num_workers),
-        seed=args.seed)
+        scales=_floats(args.scales, "scales"), train_scales=_floats(args.train_scales,
+                                                                   "train_scales"),
+        **dense.head_arguments(args))
     dense.report(results, args, "segmentation", train=args.train, val=args.val,
-                        layers=int(args.layers), multiscale=args.multiscale, steps=args.steps)
+                 layers=int(args.layers), multiscale=args.multiscale, steps=args.steps)
 
 
 if __name__ == "__main__":

@@ -24,18 +24,11 @@ Quirks of the targets, and what the conversion does about them:
 """
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from dinov2_jax.configs import ConfigError
-from dinov2_jax.models import vit
+from dinov2_jax.models import torch_layouts, vit
 
-_TO_TORCH = {"copy": lambda x: x, "dense": lambda x: x.T,
-             "conv": lambda x: x.transpose(3, 2, 0, 1)}
-_FROM_TORCH = {"copy": lambda x: x, "dense": lambda x: x.T,
-               "conv": lambda x: x.transpose(2, 3, 1, 0)}
 _NORM = lambda path, key: [(f"{path}/scale", f"{key}.weight", "copy"),
                            (f"{path}/bias", f"{key}.bias", "copy")]
 _DENSE = lambda path, key: [(f"{path}/kernel", f"{key}.weight", "dense"),
@@ -87,42 +80,21 @@ def _buffers(model):
 
 def params_to_hub(model, params):
     """Flax backbone params -> official DINOv3 hub state dict (numpy, fp32, with buffers)."""
-    flat = traverse_util.flatten_dict(params, sep="/")
-    out = {key: _TO_TORCH[kind](np.asarray(flat[path], np.float32))
-           for path, key, kind in _top_keys(model)}
-    for path, suffix, kind in _block_keys(model):
-        stacked = np.asarray(flat["blocks/" + path], np.float32)
-        for i in range(model.depth):
-            out[f"blocks.{i}.{suffix}"] = _TO_TORCH[kind](stacked[i])
-    out.update(_buffers(model))
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    out = torch_layouts.params_to_torch(params, _top_keys(model), _block_keys(model),
+                                        model.depth)
+    return {**out, **_buffers(model)}
 
 
 def expected_hub_shapes(model):
     """Key -> shape of the official DINOv3 state dict of `model` (eval_shape, no allocation)."""
-    size = model.img_size
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-    fake = jax.tree.map(lambda s: np.broadcast_to(np.float32(0), s.shape), shapes["params"])
-    return {k: v.shape for k, v in params_to_hub(model, fake).items()}
+    return torch_layouts.layout_shapes(model, params_to_hub)
 
 
 def check_state_dict(state_dict, expected):
     """Raises ConfigError naming the first missing, unexpected or mis-shaped key."""
-    for key, shape in expected.items():
-        if key not in state_dict:
-            hint = (" (a DINOv2 checkpoint: it has a learned pos_embed; use a DINOv2 arch)"
-                    if "pos_embed" in state_dict else "")
-            raise ConfigError(f"missing key {key!r} (expected shape {tuple(shape)}); the "
-                              f"checkpoint does not match the DINOv3 architecture{hint}")
-        got = tuple(np.shape(state_dict[key]))
-        if got != tuple(shape):
-            raise ConfigError(f"shape mismatch at {key!r}: checkpoint {got}, architecture "
-                              f"{tuple(shape)}; wrong --arch?")
-    for key in state_dict:
-        if key not in expected:
-            raise ConfigError(f"unexpected key {key!r} with shape "
-                              f"{tuple(np.shape(state_dict[key]))}; the checkpoint does not "
-                              f"match the DINOv3 architecture")
+    hint = (" (a DINOv2 checkpoint: it has a learned pos_embed; use a DINOv2 arch)"
+            if "pos_embed" in state_dict else "")
+    torch_layouts.check_keys(state_dict, expected, "the DINOv3 architecture", hint)
 
 
 def model_for_periods(model, state_dict):
@@ -149,13 +121,8 @@ def hub_to_params(model, state_dict):
         if not np.allclose(np.asarray(state_dict[key], np.float32), value, rtol=1e-6, atol=0):
             raise ConfigError(f"buffer {key!r} holds {np.asarray(state_dict[key]).ravel()[:6]}"
                               f"..., not the architecture's {value.ravel()[:6]}...")
-    flat = {path: _FROM_TORCH[kind](np.asarray(state_dict[key], np.float32))
-            for path, key, kind in _top_keys(model)}
-    for path, suffix, kind in _block_keys(model):
-        flat["blocks/" + path] = np.stack([
-            _FROM_TORCH[kind](np.asarray(state_dict[f"blocks.{i}.{suffix}"], np.float32))
-            for i in range(model.depth)])
-    return traverse_util.unflatten_dict(flat, sep="/")
+    return torch_layouts.torch_to_params(state_dict, _top_keys(model), _block_keys(model),
+                                         model.depth)
 
 
 # --------------------------------------------------------------------------------------------

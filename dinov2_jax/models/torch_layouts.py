@@ -48,10 +48,12 @@ _TOP_KEYS = [
     ("patch_embed/bias", "patch_embed.proj.bias", "copy"),
     ("norm/scale", "norm.weight", "copy"), ("norm/bias", "norm.bias", "copy"),
 ]
-_TO_TORCH = {"copy": lambda x: x, "dense": lambda x: x.T,
-             "conv": lambda x: x.transpose(3, 2, 0, 1)}
-_FROM_TORCH = {"copy": lambda x: x, "dense": lambda x: x.T,
-               "conv": lambda x: x.transpose(2, 3, 1, 0)}
+# How a Flax array becomes its torch tensor, and back: dense kernels are transposed, conv
+# kernels go from HWIO to OIHW.
+TO_TORCH = {"copy": lambda x: x, "dense": lambda x: x.T,
+            "conv": lambda x: x.transpose(3, 2, 0, 1)}
+FROM_TORCH = {"copy": lambda x: x, "dense": lambda x: x.T,
+              "conv": lambda x: x.transpose(2, 3, 1, 0)}
 
 
 def _layer_keys(model):
@@ -59,48 +61,46 @@ def _layer_keys(model):
     return block_keys + _FFN_KEYS[model.ffn_layer]
 
 
-def params_to_hub(model, params):
-    """Flax backbone params -> official hub state dict (numpy, fp32, flat `blocks.{i}`)."""
+def params_to_torch(params, top_keys, block_keys, depth):
+    """Flax backbone params -> a torch state dict (numpy fp32) by key tables: `top_keys`
+    (Flax path, torch key, kind) and `block_keys` (path under `blocks`, suffix under
+    `blocks.{i}.`, kind) of a scanned stack of `depth` blocks."""
     flat = traverse_util.flatten_dict(params, sep="/")
-    out = {}
-    for path, key, kind in _TOP_KEYS:
-        if path == "register_tokens" and not model.num_register_tokens:
-            continue
-        out[key] = _TO_TORCH[kind](np.asarray(flat[path], np.float32))
-    for path, suffix, kind in _layer_keys(model):
+    out = {key: TO_TORCH[kind](np.asarray(flat[path], np.float32))
+           for path, key, kind in top_keys}
+    for path, suffix, kind in block_keys:
         stacked = np.asarray(flat["blocks/" + path], np.float32)
-        for i in range(model.depth):
-            out[f"blocks.{i}.{suffix}"] = np.ascontiguousarray(_TO_TORCH[kind](stacked[i]))
+        for i in range(depth):
+            out[f"blocks.{i}.{suffix}"] = TO_TORCH[kind](stacked[i])
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def hub_to_params(model, state_dict):
-    """Official hub state dict -> Flax params, after a strict key and shape check."""
-    expected = expected_hub_shapes(model)
-    check_state_dict(state_dict, expected)
-    flat = {path: _FROM_TORCH[kind](np.asarray(state_dict[key], np.float32))
-            for path, key, kind in _TOP_KEYS if key in expected}
-    for path, suffix, kind in _layer_keys(model):
+def torch_to_params(state_dict, top_keys, block_keys, depth):
+    """The inverse of `params_to_torch` (blocks stacked for the scan)."""
+    flat = {path: FROM_TORCH[kind](np.asarray(state_dict[key], np.float32))
+            for path, key, kind in top_keys}
+    for path, suffix, kind in block_keys:
         flat["blocks/" + path] = np.stack([
-            _FROM_TORCH[kind](np.asarray(state_dict[f"blocks.{i}.{suffix}"], np.float32))
-            for i in range(model.depth)])
+            FROM_TORCH[kind](np.asarray(state_dict[f"blocks.{i}.{suffix}"], np.float32))
+            for i in range(depth)])
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def expected_hub_shapes(model):
-    """Key -> shape of the official state dict of `model` (from eval_shape, no allocation)."""
+def layout_shapes(model, to_torch):
+    """Key -> shape of the state dict `to_torch(model, params)` gives (eval_shape, no
+    allocation)."""
     size = model.img_size
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
     fake = jax.tree.map(lambda s: np.broadcast_to(np.float32(0), s.shape), shapes["params"])
-    return {k: v.shape for k, v in params_to_hub(model, fake).items()}
+    return {k: v.shape for k, v in to_torch(model, fake).items()}
 
 
-def check_state_dict(state_dict, expected):
+def check_keys(state_dict, expected, architecture="the architecture", missing_hint=""):
     """Raises ConfigError naming the first missing, unexpected or mis-shaped key."""
     for key, shape in expected.items():
         if key not in state_dict:
             raise ConfigError(f"missing key {key!r} (expected shape {tuple(shape)}); the "
-                              f"checkpoint does not match the architecture")
+                              f"checkpoint does not match {architecture}{missing_hint}")
         got = tuple(np.shape(state_dict[key]))
         if got != tuple(shape):
             raise ConfigError(f"shape mismatch at {key!r}: checkpoint {got}, architecture "
@@ -109,7 +109,30 @@ def check_state_dict(state_dict, expected):
         if key not in expected:
             raise ConfigError(f"unexpected key {key!r} with shape "
                               f"{tuple(np.shape(state_dict[key]))}; the checkpoint does not "
-                              f"match the architecture")
+                              f"match {architecture}")
+
+
+def _top_keys(model, expected=None):
+    return [k for k in _TOP_KEYS if (k[0] != "register_tokens" or model.num_register_tokens)
+            and (expected is None or k[1] in expected)]
+
+
+def params_to_hub(model, params):
+    """Flax backbone params -> official hub state dict (numpy, fp32, flat `blocks.{i}`)."""
+    return params_to_torch(params, _top_keys(model), _layer_keys(model), model.depth)
+
+
+def hub_to_params(model, state_dict):
+    """Official hub state dict -> Flax params, after a strict key and shape check."""
+    expected = expected_hub_shapes(model)
+    check_keys(state_dict, expected)
+    return torch_to_params(state_dict, _top_keys(model, expected), _layer_keys(model),
+                           model.depth)
+
+
+def expected_hub_shapes(model):
+    """Key -> shape of the official state dict of `model` (from eval_shape, no allocation)."""
+    return layout_shapes(model, params_to_hub)
 
 
 # --------------------------------------------------------------------------------------------
