@@ -145,7 +145,7 @@ def _check_resumable(saved_config_json, config):
 
 def _memory_report(state, writer):
     report = {f"memory/{name}_bytes_per_device": parallel.bytes_per_device(state[name])
-              for name in ("student", "teacher", "opt_state")}
+              for name in ("student", "teacher", "opt_state", "gram_teacher") if name in state}
     writer.write(0, report)
     writer.console("per-device memory: " + ", ".join(
         f"{name.split('/')[1].removesuffix('_bytes_per_device')} {value / 2**20:.1f} MiB"
