@@ -6,12 +6,18 @@ actual shapes (`jax.eval_shape` of the state's init) sharded by the run's own ru
 `python -m dinov2_jax.main` reports it at start-up. Gathered weights and activations are
 estimated with the formula of docs/scaling.md from the model's dimensions.
 
+With `--teacher_config`, the run is a distillation (dinov2_jax/train/distill.py): the frozen
+teacher's params (no gradient, no optimizer state) join the state rows, the student keeps a
+spare EMA instead of a teacher, the gathered weights add one teacher block and head, and iBOT
+covers every global-crop patch (no masks), in the student's and the teacher's logits.
+
   python benchmarks/memory.py                        # ViT-g/14, vitg14 recipe, batch 3072
   python benchmarks/memory.py --config=configs/vitl14.py --batch_size=2048
   python benchmarks/memory.py --config=configs/dinov3_vit7b16.py:gram   # ViT-7B/16, Gram stage
 
 With DINOv3's Gram anchoring the Gram teacher (a third backbone) is a state row, and its
 forward on the Gram crops and the Gram matrices are activation rows.
+  python benchmarks/memory.py --config=configs/vitl14_distilled.py --teacher_config=configs/vitg14.py
 """
 import dataclasses
 import math
@@ -25,7 +31,9 @@ from jax.sharding import AbstractMesh, AxisType
 from dinov2_jax import cli, configs, parallel
 from dinov2_jax.data import masking
 from dinov2_jax.models import vit
+from dinov2_jax.train import distill
 from dinov2_jax.train import setup as setup_lib
+from dinov2_jax.train import teacher as teacher_lib
 
 GB = 1e9
 
@@ -43,20 +51,22 @@ MACHINES = (Machine("256 x H100 (32 nodes x 8)", 256, 80 * GB, 8),
             Machine("v5p-256 (128 chips)", 128, 95 * GB, 4))
 
 
-def abstract_setup(config, data=1, fsdp=1):
-    """The run's Setup on an abstract data x fsdp mesh: shapes and shardings, nothing allocated."""
+def abstract_setup(config, data=1, fsdp=1, teacher_config=None):
+    """The run's Setup on an abstract data x fsdp mesh: shapes and shardings, nothing allocated;
+    with `teacher_config`, the distillation Setup of a frozen teacher made with it."""
     mesh = AbstractMesh((data, fsdp), parallel.BATCH_AXES, axis_types=(AxisType.Auto,) * 2)
+    if teacher_config is not None:
+        return distill.build(config, mesh, teacher_lib.paper_teacher(teacher_config, config))
     return setup_lib.build(config, mesh)
 
 
-def state_bytes(config, data, fsdp):
-    """Per-device bytes of student, teacher, opt_state and gradients on a data x fsdp mesh."""
-    state = abstract_setup(config, data, fsdp).abstract_state
-    out = {name: parallel.bytes_per_device(state[name])
-           for name in ("student", "teacher", "opt_state")}
+def state_bytes(config, data, fsdp, teacher_config=None):
+    """Per-device bytes of the state's networks (student, teacher, opt_state; a distillation
+    adds student_ema, its teacher frozen) and the gradients on a data x fsdp mesh."""
+    setup = abstract_setup(config, data, fsdp, teacher_config)
+    out = {name: parallel.bytes_per_device(tree)
+           for name, tree in setup.memory_trees(setup.abstract_state).items()}
     out["gradients"] = out["student"]  # same shapes, dtypes and rules as the student params
-    if "gram_teacher" in state:
-        out["gram_teacher"] = parallel.bytes_per_device(state["gram_teacher"])
     return out
 
 
@@ -65,21 +75,22 @@ def _nbytes(tree):
                for leaf in jax.tree.leaves(tree))
 
 
-def gathered_weight_bytes(student):
+def gathered_weight_bytes(student, gradient=True):
     """FSDP all-gathers at most one scanned block of a network plus its largest head at a
-    time; its weight gradient is as large before the reduce-scatter."""
+    time; its weight gradient (`gradient`: not for a frozen teacher) is as large before the
+    reduce-scatter."""
     backbone = student["backbone"]
     depth = jax.tree.leaves(backbone["blocks"])[0].shape[0]
     block = _nbytes(backbone["blocks"]) // depth
     head = max(_nbytes(student[name]) for name in student if name.endswith("_head"))
-    return 2 * (block + head)
+    return (2 if gradient else 1) * (block + head)
 
 
 def tokens(image_size, patch_size, registers):
     return 1 + registers + (image_size // patch_size) ** 2
 
 
-def activation_bytes(config, networks, images):
+def activation_bytes(config, networks, images, teacher_networks=None):
     """The docs/scaling.md estimate of activation memory for `images` images on one device.
 
     Student backbone (compute dtype, a bytes): the scan keeps each block's input,
@@ -87,7 +98,9 @@ def activation_bytes(config, networks, images):
     without one, every block's intermediates, L*T*(10D + 3H). Backward of one block recomputes
     and differentiates its intermediates: 2*T*(10D + 3H). Attention is a flash kernel (cudnn or
     splash: no T^2 probabilities). Heads and losses (fp32): logits, log-softmax and their
-    gradient of the student's rows, and the teacher's probabilities, K prototypes each.
+    gradient of the student's rows, and the teacher's probabilities, K prototypes each. A
+    frozen teacher (`teacher_networks`) keeps no activations: one block's forward
+    intermediates on the global crops at a time.
     """
     model, crops = networks.backbone, config.crops
     a = jnp.dtype(config.student.dtype).itemsize
@@ -100,12 +113,23 @@ def activation_bytes(config, networks, images):
     block_intermediates = per_image * (10 * d + 3 * hidden)
     kept = per_image * d if config.student.remat_policy != "none" else block_intermediates
     patches = (crops.global_crops_size // model.patch_size) ** 2
-    masked_rows = masking.mask_upperbound(2 * images, patches, config.ibot.mask_ratio_min_max,
-                                          config.ibot.mask_sample_probability)
+    masked_rows = (2 * images * patches if teacher_networks is not None else
+                   masking.mask_upperbound(2 * images, patches, config.ibot.mask_ratio_min_max,
+                                           config.ibot.mask_sample_probability))
     student_rows = (2 + crops.local_crops_number) * images + masked_rows
     teacher_rows = 2 * images + masked_rows
     prototypes = max(config.dino.head_n_prototypes, networks.patch_head().out_dim)
+    rows = {}
+    if teacher_networks is not None:
+        teacher = teacher_networks.backbone
+        teacher_hidden = vit.ffn_hidden_dim(teacher.embed_dim, teacher.mlp_ratio,
+                                            teacher.ffn_layer)
+        teacher_tokens = 2 * tokens(crops.global_crops_size, teacher.patch_size,
+                                    teacher.num_register_tokens)
+        rows["teacher forward (transient)"] = (images * teacher_tokens
+                                               * (10 * teacher.embed_dim + 3 * teacher_hidden) * a)
     rows = {
+        **rows,
         "saved activations": images * depth * kept * a,
         "one block's backward": images * 2 * block_intermediates * a,
         "head logits": (3 * student_rows + teacher_rows) * prototypes * 4,
@@ -139,13 +163,15 @@ def gram_activation_bytes(config, networks, images):
     return rows
 
 
-def estimate(config, networks, state, machine, data, fsdp):
-    """Rows of (what, bytes per device) for one machine and mesh."""
+def estimate(config, networks, state, machine, data, fsdp, teacher=None):
+    """Rows of (what, bytes per device) for one machine and mesh; `teacher` (a paper Teacher)
+    makes it a distillation run."""
     images = config.train.batch_size // machine.devices
-    rows = state_bytes(config, data, fsdp)
+    rows = state_bytes(config, data, fsdp, teacher and teacher.config)
     if fsdp > 1:
-        rows["gathered weights (transient)"] = gathered_weight_bytes(state["student"])
-    rows.update(activation_bytes(config, networks, images))
+        rows["gathered weights (transient)"] = gathered_weight_bytes(state["student"]) + (
+            gathered_weight_bytes(teacher.abstract_params, gradient=False) if teacher else 0)
+    rows.update(activation_bytes(config, networks, images, teacher and teacher.networks))
     return images, rows
 
 
@@ -156,14 +182,20 @@ def meshes(machine):
     return ((1, n), (n // host, host), (n, 1))
 
 
-def print_tables(config, networks, state, machines):
+def print_tables(config, networks, state, machines, teacher=None):
     params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state["student"]))
-    unsharded = state_bytes(config, 1, 1)
-    total = sum(unsharded.values())
-    parts = " + ".join({"opt_state": "AdamW", "gram_teacher": "Gram teacher"}.get(name, name)
-                       for name in unsharded)
+    total = sum(state_bytes(config, 1, 1, teacher and teacher.config).values())
+    if teacher is not None:
+        teacher_params = sum(math.prod(leaf.shape)
+                             for leaf in jax.tree.leaves(teacher.abstract_params))
+        print(f"distillation: frozen teacher {teacher.config.student.arch}/"
+              f"{teacher.config.student.patch_size}, {teacher_params / 1e9:.3f}B params (no "
+              "gradient, no AdamW); iBOT on every global-crop patch")
+    parts = "student + frozen teacher + EMA student" if teacher else "student + teacher"
+    if "gram_teacher" in state:
+        parts += " + Gram teacher"
     print(f"{config.student.arch}/{config.student.patch_size}: {params / 1e9:.3f}B student "
-          f"params; {parts} = {total / GB:.1f} GB unsharded; "
+          f"params; {parts} + AdamW + gradients = {total / GB:.1f} GB unsharded; "
           f"global batch {config.train.batch_size}; activations in {config.student.dtype}, "
           f"remat {config.student.remat_policy}")
     for machine in machines:
@@ -171,7 +203,7 @@ def print_tables(config, networks, state, machines):
             raise ValueError(f"global batch {config.train.batch_size} does not split over "
                              f"{machine.devices} devices")
         results = [(f"data={data} fsdp={fsdp}", *estimate(config, networks, state, machine,
-                                                          data, fsdp))
+                                                          data, fsdp, teacher))
                    for data, fsdp in meshes(machine)]
         images = results[0][1]
         names = list(dict.fromkeys(name for _, _, rows in results for name in rows))
@@ -193,6 +225,9 @@ def _define(flag_values):
                         "dinov2_jax.main", flag_values=flag_values)
     flags.DEFINE_integer("batch_size", 0, "global batch; 0 keeps the recipe's",
                          flag_values=flag_values)
+    flags.DEFINE_string("teacher_config", "", "a distillation: the frozen teacher's recipe "
+                        "file[:arg] (e.g. configs/vitg14.py); --config is the student's",
+                        flag_values=flag_values)
 
 
 def main(argv):
@@ -200,9 +235,15 @@ def main(argv):
     config = configs.load(args.config)
     if args.batch_size:
         config.train.batch_size = args.batch_size
-    setup = abstract_setup(config)
-    networks, state = setup.networks, setup.abstract_state
-    print_tables(config, networks, state, MACHINES)
+    teacher = None
+    if args.teacher_config:
+        teacher = teacher_lib.paper_teacher(configs.load(args.teacher_config), config)
+        setup = abstract_setup(config, teacher_config=teacher.config)
+        networks = setup.students[""].networks
+    else:
+        setup = abstract_setup(config)
+        networks = setup.networks
+    print_tables(config, networks, setup.abstract_state, MACHINES, teacher)
 
 
 if __name__ == "__main__":

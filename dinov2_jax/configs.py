@@ -98,6 +98,11 @@ def default_config():
                         segmentation_train="", segmentation_val="", depth_train="",
                         depth_val="", dense_size=0, dense_steps=1000, dense_head_batch_size=16,
                         dense_lr=1e-3, dense_warmup_steps=100)
+    # Distillation (dinov2_jax/train/distill.py): a frozen teacher from a dinov2_jax workdir
+    # (backbone and heads) or backbone weights (a weights dir, or a torch file with
+    # teacher_arch); "" trains by self-distillation. `students` {name: {student key: value}}
+    # trains several students (each config.student with those keys changed) in one run.
+    c.distillation = dict(teacher="", teacher_arch="", students={})
     c.mesh = dict(data=-1, fsdp=1, rules=[(".*", "fsdp")], min_shard_size=2**14)
     c.peak_flops = 0.0  # per device, FLOP/s; 0 = look the device up in dinov2_jax.flops
     c.profile_steps = ""  # "FIRST,LAST": a jax.profiler trace of those steps in WORKDIR/profile
@@ -121,6 +126,22 @@ def large_scale_recipe(arch, batch_size=3072):
     return config
 
 
+def distillation_recipe(arch, ffn_layer="swiglu"):
+    """A student `arch` distilled from a frozen ViT-g/14 (`configs/vitg14.py` run): the
+    `large_scale_recipe` with the DINOv2 paper's distillation changes (no stochastic depth, no
+    masking: train/distill.py) and the schedule ends of DINOv3's distillation
+    (`dinov3/configs/train/dinov3_vitl16_lvd1689m_distilled.yaml`: lr to 5e-5, momentum 0.994
+    -> 1.0, teacher temperature 0.07 from the start: a trained teacher needs no warm-up).
+    `distillation.teacher` (the ViT-g workdir) is required."""
+    config = large_scale_recipe(arch)
+    config.student.update(ffn_layer=ffn_layer, drop_path_rate=0.0)
+    config.teacher.update(warmup_teacher_temp=0.07, teacher_temp=0.07,
+                          momentum_teacher=0.994, final_momentum_teacher=1.0)
+    config.optim.min_lr = 5e-5
+    config.distillation.teacher = ml_collections.config_dict.placeholder(str)
+    return config
+
+
 def smoke(config):
     """Shrinks any recipe to run a few steps on CPU: same code paths, tiny sizes."""
     config.student.update(embed_dim=48, depth=2, num_heads=2, patch_size=14, dtype="float32")
@@ -133,6 +154,20 @@ def smoke(config):
     config.teacher.warmup_teacher_temp_epochs = 1
     config.evaluation.update(knn_train="", knn_val="")
     return config
+
+
+def student_names(config):
+    """The distilled students' names in their fixed order; () for a single student."""
+    return tuple(sorted(config.distillation.students))
+
+
+def distillation_student(config, name):
+    """`config` as the single-student run of student `name`: config.student with the entry's
+    keys changed, distillation.students emptied."""
+    single = ml_collections.ConfigDict(config.to_dict())
+    single.student.update(config.distillation.students[name].to_dict())
+    single.distillation.students = {}
+    return single
 
 
 def load(path_with_arg):
@@ -342,7 +377,8 @@ def _validate_dinov3_objective(config, device_count):
 
 def validate(config, device_count, process_count=1):
     """Checks the config before anything is built; raises ConfigError naming the key."""
-    unknown = sorted(set(_flat(config)) - set(_flat(default_config())))
+    unknown = sorted(key for key in set(_flat(config)) - set(_flat(default_config()))
+                     if not key.startswith("distillation.students."))
     if unknown:
         _fail(unknown[0], "unknown key (not in dinov2_jax.configs.default_config)")
     s, crops, train, optim = config.student, config.crops, config.train, config.optim
@@ -417,4 +453,43 @@ def validate(config, device_count, process_count=1):
         profiling.parse_steps(config.profile_steps)
     except ConfigError as error:
         _fail("profile_steps", str(error).removeprefix("profile_steps: "))
+    _validate_distillation(config, device_count, process_count)
     return config
+
+
+def _validate_distillation(config, device_count, process_count):
+    """distillation.*: the teacher source's form, the students' keys and settings. The teacher
+    itself (readable, its arch and heads) is checked when `train/teacher.py` opens it."""
+    d = config.distillation
+    if d.teacher is None:
+        _fail("distillation.teacher", "this recipe distils from a frozen teacher: set "
+              "--config.distillation.teacher=WORKDIR (a dinov2_jax run of the teacher)")
+    for key in ("teacher", "teacher_arch"):
+        if not isinstance(d[key], str):
+            _fail(f"distillation.{key}", f"{d[key]!r} is not a string")
+    if d.teacher_arch and d.teacher_arch not in vit.HUB_MODELS and d.teacher_arch not in vit.ARCHS:
+        _fail("distillation.teacher_arch", f"{d.teacher_arch!r} is not one of "
+              f"{sorted(vit.HUB_MODELS) + sorted(vit.ARCHS)}")
+    if not d.teacher:
+        if d.students:
+            _fail("distillation.students", "students need a teacher: set distillation.teacher")
+        return
+    if config.student.drop_path_rate:
+        _fail("student.drop_path_rate", f"{config.student.drop_path_rate}: a distilled student "
+              "trains without stochastic depth (the DINOv2 paper's distillation); set 0.0")
+    for name in student_names(config):
+        entry = d.students[name]
+        if not name.isidentifier():
+            _fail(f"distillation.students.{name}", "a student name is a Python identifier "
+                  "(it prefixes metrics and names the student's checkpoint subtree)")
+        if not isinstance(entry, ml_collections.ConfigDict):
+            _fail(f"distillation.students.{name}", f"{entry!r} is not a dict of student keys")
+        for key in sorted(entry):
+            if key not in config.student:
+                _fail(f"distillation.students.{name}.{key}", "not a key of config.student")
+        try:
+            validate(distillation_student(config, name), device_count, process_count)
+        except ConfigError as error:
+            raise ConfigError(str(error).replace(
+                "config error at student.", f"config error at distillation.students.{name}.",
+                1)) from None

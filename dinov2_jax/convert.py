@@ -5,7 +5,9 @@
 
 --input is a torch file (.pth/.safetensors: official hub, timm, Hugging Face or training
 checkpoint layout; --arch names its size), a dinov2_jax weights dir, or a training workdir or
-one of its checkpoints (--params teacher|student picks the network, default teacher). A torch
+one of its checkpoints (--params teacher|student|student_ema picks the network, default the
+run's final model: the EMA teacher, or a distillation run's EMA student; --student NAME picks
+one of a multi-student run's students). A torch
 input is written as a weights dir; anything else needs --format. Every layout is checked
 strictly against the architecture: a missing, unexpected or mis-shaped key is an error that
 names it. The files are `dinov2_jax.weights`, the key layouts `dinov2_jax.models.torch_layouts`.
@@ -29,8 +31,10 @@ def _define(flag_values):
                         flag_values=flag_values)
     flags.DEFINE_enum("format", None, weights.EXPORT_FORMATS, "export layout (jax -> torch)",
                       flag_values=flag_values)
-    flags.DEFINE_enum("params", "teacher", weights.NETWORKS, "network of a training checkpoint",
-                      flag_values=flag_values)
+    flags.DEFINE_enum("params", None, weights.ALL_NETWORKS, "network of a training checkpoint "
+                      "(default: the run's final model)", flag_values=flag_values)
+    flags.DEFINE_string("student", None, "student name of a multi-student distillation run",
+                        flag_values=flag_values)
 
 
 def main(argv=None):
@@ -42,7 +46,7 @@ def main(argv=None):
     torch_input = epath.Path(args.input).is_file()
     if not torch_input and not args.format:
         raise ConfigError("--format is required to export to PyTorch")
-    model, params = weights.load(args.input, args.arch, args.params)
+    model, params = weights.load(args.input, args.arch, args.params, args.student)
     print(f"loaded {args.input}: {vit.count_params(params):,} parameters", file=sys.stderr)
     if args.format:
         weights.export(model, params, args.output, args.format)

@@ -4,7 +4,8 @@ Counted as docs/reference.md, Train step defines them: matmuls and attention (2 
 multiply-add) of the teacher forward on the 2 global crops and its heads, plus the student
 forward and backward (3x forward) on all crops and heads. Drop path's batch-subset trick really
 skips compute, so the student's block FLOPs count only the kept samples
-(`packing.drop_path_keep_count`). Norms, softmax and elementwise work are not counted.
+(`packing.drop_path_keep_count`). Norms, softmax and elementwise work are not counted. A
+distillation step (`train/distill.py`) is the frozen teacher's forward once plus each student's.
 """
 import jax
 
@@ -60,18 +61,31 @@ def head_flops(head, in_dim):
     return mlp + 2 * head.bottleneck_dim * head.out_dim
 
 
-def train_step_flops(networks, config, batch_size, masked_rows):
-    """Model FLOPs of one train step on `batch_size` images with `masked_rows` buffer rows."""
-    backbone, crops = networks.backbone, config.crops
+def teacher_forward_flops(networks, crops, batch_size, patch_rows):
+    """Forward FLOPs of a teacher on the 2 global crops of `batch_size` images: backbone, DINO
+    head on the cls tokens, patch head on `patch_rows` rows."""
+    backbone = networks.backbone
+    dim = backbone.embed_dim
+    return (2 * batch_size * (backbone_flops(backbone, crops.global_crops_size)
+                              + head_flops(networks.dino_head, dim))
+            + patch_rows * head_flops(networks.patch_head(), dim))
+
+
+def student_forward_flops(networks, crops, batch_size, patch_rows):
+    """Forward FLOPs of a student on all crops (blocks of the drop-path-kept samples only)
+    and its heads, the patch head on `patch_rows` rows."""
+    backbone = networks.backbone
     n_global, n_local = 2 * batch_size, crops.local_crops_number * batch_size
     rate = backbone.drop_path_rate
     dim = backbone.embed_dim
-    cls_head = head_flops(networks.dino_head, dim)
-    patch_head = head_flops(networks.patch_head(), dim)
-    teacher = n_global * (backbone_flops(backbone, crops.global_crops_size) + cls_head)
-    teacher += masked_rows * patch_head
     kept = lambda rows: packing.drop_path_keep_count(rows, rate) / rows
-    student = (n_global * backbone_flops(backbone, crops.global_crops_size, kept(n_global))
-               + n_local * backbone_flops(backbone, crops.local_crops_size, kept(n_local))
-               + (n_global + n_local) * cls_head + masked_rows * patch_head)
-    return teacher + 3 * student
+    return (n_global * backbone_flops(backbone, crops.global_crops_size, kept(n_global))
+            + n_local * backbone_flops(backbone, crops.local_crops_size, kept(n_local))
+            + (n_global + n_local) * head_flops(networks.dino_head, dim)
+            + patch_rows * head_flops(networks.patch_head(), dim))
+
+
+def train_step_flops(networks, config, batch_size, masked_rows):
+    """Model FLOPs of one train step on `batch_size` images with `masked_rows` buffer rows."""
+    return (teacher_forward_flops(networks, config.crops, batch_size, masked_rows)
+            + 3 * student_forward_flops(networks, config.crops, batch_size, masked_rows))

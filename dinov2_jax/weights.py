@@ -37,7 +37,8 @@ MODEL_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "ml
                 "rope_shift", "rope_jitter", "rope_rescale", "rope_periods_dtype", "qkv_bias",
                 "mask_k_bias", "layernorm_eps", "swiglu_unpacked", "ffn_align",
                 "untie_local_cls_norm")
-NETWORKS = ("teacher", "student")
+NETWORKS = ("teacher", "student")  # of a DINOv2 run
+ALL_NETWORKS = NETWORKS + ("student_ema",)  # a distillation run: student_ema and student
 EXPORT_FORMATS = ("hub", "timm", "hf")
 
 
@@ -108,16 +109,18 @@ def _load_directory(directory):
     return model, checkpointer.restore(params_dir, target)
 
 
-def load_checkpoint(path, network="teacher"):
-    """(model, backbone params) of the teacher or student of a workdir or one of its steps.
+def load_checkpoint(path, network=None, student=None):
+    """(model, backbone params) of a network of a workdir or one of its steps.
 
     `path` is a workdir (newest step), its `checkpoints` dir, or a `checkpoints/<step>` dir,
     as `dinov2_jax.train.checkpoint` writes them (items `state` and `meta`; meta holds the
-    run's config). Only that network's backbone is read. The model is returned without drop
-    path, in fp32.
+    run's config). `network` None is the run's final model: the EMA teacher of a DINOv2 run,
+    the EMA student (`student_ema`) of a distillation run; `student` names one of several
+    distilled students (`distillation.students`). Only that network's backbone is read. The
+    model is returned without drop path, in fp32.
     """
-    if network not in NETWORKS:
-        raise ConfigError(f"network must be one of {NETWORKS}, got {network!r}")
+    if network is not None and network not in ALL_NETWORKS:
+        raise ConfigError(f"network must be one of {ALL_NETWORKS}, got {network!r}")
     path = _absolute(path)
     directory, step = path, None
     if (path / "checkpoints").is_dir():
@@ -132,22 +135,48 @@ def load_checkpoint(path, network="teacher"):
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     manager.close()
     config = configs.from_json(meta["config"])
+    config, network, tree_path = _network_of_run(config, network, student, path)
     model = vit.backbone_from_config(config).clone(dtype=np.float32, drop_path_rate=0.0)
     size = config.crops.global_crops_size
     shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, size, size, 3)))["params"]
     target = {network: {"backbone": shapes}}
+    for key in reversed(tree_path):
+        target = {key: target}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     restored = ocp.PyTreeCheckpointer().restore(
         directory / str(step) / "state",
         args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+    for key in tree_path:
+        restored = restored[key]
     return model, restored[network]["backbone"]
 
 
-def load(path, arch=None, network="teacher"):
+def _network_of_run(config, network, student, path):
+    """(single-student config, network, path of its slot in the state) of a run's checkpoint."""
+    distilled = bool(config.distillation.teacher)
+    network = network or ("student_ema" if distilled else "teacher")
+    if network == "teacher" and distilled:
+        raise ConfigError(f"{path} is a distillation run: its frozen teacher is not in its "
+                          f"checkpoints ({config.distillation.teacher}); its networks are "
+                          "student_ema (the final model) and student")
+    if network == "student_ema" and not distilled:
+        raise ConfigError(f"{path} is a self-distillation run: it has no student_ema; its "
+                          "networks are teacher (the final model) and student")
+    names = configs.student_names(config)
+    if not names:
+        if student:
+            raise ConfigError(f"{path} trains one student; --student {student!r} names none")
+        return config, network, ()
+    if student not in names:
+        raise ConfigError(f"{path} trains the students {list(names)}: name one (--student)")
+    return configs.distillation_student(config, student), network, ("students", student)
+
+
+def load(path, arch=None, network=None, student=None):
     """(model, params) from a weights dir, a training workdir/checkpoint, or a torch file.
 
     `arch` (a hub name like `vitl14` or a size like `vit_large`) is needed for torch files;
-    `network` picks the teacher or student of a training checkpoint.
+    `network` and `student` pick a network of a training checkpoint (`load_checkpoint`).
     """
     path = epath.Path(path)
     if not path.exists():
@@ -155,7 +184,7 @@ def load(path, arch=None, network="teacher"):
     if (path / "model.json").exists():
         return _load_directory(_absolute(path))
     if path.is_dir():
-        return load_checkpoint(path, network)
+        return load_checkpoint(path, network, student)
     if arch is None:
         raise ConfigError(f"an arch (e.g. vitl14, vit_large) is needed to read the torch "
                           f"checkpoint {path}")

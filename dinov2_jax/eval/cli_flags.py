@@ -23,8 +23,10 @@ def define_model_flags(flag_values, *, size=224, batch_size=256):
                         ".pth/.safetensors file", required=True, flag_values=flag_values)
     flags.DEFINE_string("arch", None, "hub name (vits14, vitl14_reg, ...) or size (vit_large); "
                         "torch files only", flag_values=flag_values)
-    flags.DEFINE_enum("network", "teacher", weights.NETWORKS, "network of a training workdir",
-                      flag_values=flag_values)
+    flags.DEFINE_enum("network", None, weights.ALL_NETWORKS, "network of a training workdir "
+                      "(default: the run's final model)", flag_values=flag_values)
+    flags.DEFINE_string("student", None, "student name of a multi-student distillation run",
+                        flag_values=flag_values)
     flags.DEFINE_enum("dtype", "float32", vit.DTYPES, "compute dtype of the backbone",
                       flag_values=flag_values)
     flags.DEFINE_integer("size", size, "center-crop size in pixels (a multiple of the patch "
@@ -51,7 +53,8 @@ def define_source_flags(flag_values, **helps):
 
 def load_model(flag_values):
     """(model, params) named by --weights/--arch/--network; --size checked against the patch."""
-    model, params = weights.load(flag_values.weights, flag_values.arch, flag_values.network)
+    model, params = weights.load(flag_values.weights, flag_values.arch, flag_values.network,
+                                   flag_values.student)
     if flag_values.size % model.patch_size:
         raise ConfigError(f"--size {flag_values.size} is not a multiple of the patch size "
                           f"{model.patch_size}")

@@ -1,6 +1,7 @@
 """The DINO/iBOT projection head (`dinov2/layers/dino_head.py`).
 
-MLP -> L2 norm -> weight-normalised prototypes; see docs/reference.md, Heads.
+MLP -> L2 norm -> weight-normalised prototypes; see docs/reference.md, Heads. Also the linear
+feature head of a student distilled from a backbone-only teacher.
 """
 from typing import Any
 
@@ -57,3 +58,16 @@ class DINOHead(nn.Module):
                 x = jax.nn.gelu(x, approximate=False)
         x = l2_normalize(x.astype(jnp.float32))
         return WeightNormPrototypes(self.out_dim, self.dtype, name="last_layer")(x)
+
+
+class FeatureHead(nn.Module):
+    """Linear maps of a distilled student's cls and patch tokens to a backbone-only teacher's
+    feature width (feature distillation, `dinov2_jax/train/distill.py`)."""
+    out_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, cls, patches):
+        def dense(name):
+            return nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=dense_init, name=name)
+        return dense("cls")(cls), dense("patch")(patches)

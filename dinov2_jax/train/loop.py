@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 from dinov2_jax import configs, flops, parallel, profiling
 from dinov2_jax.data import pipeline, sources
 from dinov2_jax.train import checkpoint as checkpoint_lib
+from dinov2_jax.train import distill
 from dinov2_jax.train import metrics as metrics_lib
 from dinov2_jax.train import setup as setup_lib
 
@@ -39,16 +40,19 @@ class CollapseError(RuntimeError):
 def train(config, workdir, evaluate=None):
     """Trains `config` in `workdir` (local or gs://), resuming from its newest checkpoint.
 
-    `evaluate(model, teacher_backbone_params) -> {name: float}` runs at step 0 when
-    evaluation.at_start, every evaluation.every steps and at the end. Returns the last
-    interval's metrics and the last evaluation's results.
+    `evaluate(model, backbone_params) -> {name: float}` runs on the run's final model (the
+    EMA teacher; a distillation's EMA student, each student's results prefixed `NAME/`) at
+    step 0 when evaluation.at_start, every evaluation.every steps and at the end. Returns the
+    last interval's metrics and the last evaluation's results. A config with
+    `distillation.teacher` builds through `train/distill.py` instead of `train/setup.py`.
     """
     configs.validate(config, jax.device_count(), jax.process_count())
     workdir = epath.Path(workdir)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
     writer = metrics_lib.MetricWriter(workdir)
-    setup = setup_lib.build(config, parallel.make_mesh(config.mesh))
+    build = distill.build if config.distillation.teacher else setup_lib.build
+    setup = build(config, parallel.make_mesh(config.mesh))
     source = sources.open_source(config.train.dataset, config.train.skip_bad_shards)
     data_iter = pipeline.make_train_iterator(
         config, mask_groups=config.train.mask_groups or jax.local_device_count(), source=source)
@@ -57,9 +61,12 @@ def train(config, workdir, evaluate=None):
     if getattr(source, "skipped_shards", None):
         writer.write(int(state["step"]), {"data/skipped_shards": len(source.skipped_shards),
                                           "data/skipped_shard_records": source.skipped_records})
-    writer.console("student parameters:\n" + parameter_overview.get_parameter_overview(
-        state["student"], include_stats=False))
-    _memory_report(state, writer)
+    for name, tree in setup.parameter_trees(state).items():
+        writer.console(f"{name} parameters:\n" + parameter_overview.get_parameter_overview(
+            tree, include_stats=False))
+    _memory_report(setup.memory_trees(state), writer)
+    if config.distillation.teacher:
+        _teacher_report(setup, writer)
 
     batch = next(data_iter)
     batch_shardings = parallel.batch_shardings(setup.mesh, {k: v for k, v in batch.items()
@@ -69,13 +76,12 @@ def train(config, workdir, evaluate=None):
     interval = _Interval(writer, total_steps, config.train.batch_size, data_iter,
                          setup.step_flops(batch["mask_indices"].size * jax.process_count()),
                          config.peak_flops, _CollapseWatch(config.train))
-    model = setup.networks.backbone.clone(drop_path_rate=0.0)
     every = config.evaluation.every
     preemption = _Preemption()
     profiler = profiling.StepProfiler(config.profile_steps, workdir / "profile")
     step, final = int(state["step"]), {}
     if step == 0 and evaluate and config.evaluation.at_start:
-        final.update(_evaluate(evaluate, model, state, writer, 0))
+        final.update(_evaluate(evaluate, setup, state, writer, 0))
     try:
         while step < total_steps:
             for key, reason in batch.pop(pipeline.BAD_KEY, [])[:3]:
@@ -98,7 +104,7 @@ def train(config, workdir, evaluate=None):
                 writer.console(f"preempted: saved step {step}; rerun the same command to resume")
                 return final
             if evaluate and (is_last or (every and step % every == 0)):
-                final.update(_evaluate(evaluate, model, state, writer, step))
+                final.update(_evaluate(evaluate, setup, state, writer, step))
             if not is_last:
                 batch = next(data_iter)
     finally:
@@ -107,9 +113,11 @@ def train(config, workdir, evaluate=None):
             writer.console(f"profile of steps {profiler.summary['steps']}: {profiler.directory}")
         writer.close()
         checkpointer.close()
-    writer.console(f"finished step {step}/{total_steps}; the teacher exports to PyTorch with: "
-                   f"python -m dinov2_jax.convert --input {workdir} --output teacher.pth "
-                   "--format hub")
+    final_model = "the EMA student" if config.distillation.teacher else "the teacher"
+    student = " --student=NAME" if config.distillation.students else ""
+    writer.console(f"finished step {step}/{total_steps}; {final_model} exports to PyTorch with: "
+                   f"python -m dinov2_jax.convert --input {workdir}{student} --output "
+                   "model.pth --format hub")
     return final
 
 
@@ -143,18 +151,39 @@ def _check_resumable(saved_config_json, config):
             "workdir was changed)")
 
 
-def _memory_report(state, writer):
-    report = {f"memory/{name}_bytes_per_device": parallel.bytes_per_device(state[name])
-              for name in ("student", "teacher", "opt_state", "gram_teacher") if name in state}
+def _memory_report(trees, writer):
+    report = {f"memory/{name}_bytes_per_device": parallel.bytes_per_device(tree)
+              for name, tree in trees.items()}
     writer.write(0, report)
     writer.console("per-device memory: " + ", ".join(
-        f"{name.split('/')[1].removesuffix('_bytes_per_device')} {value / 2**20:.1f} MiB"
-        for name, value in report.items()))
+        f"{name.removeprefix('memory/').removesuffix('_bytes_per_device')} "
+        f"{value / 2**20:.1f} MiB" for name, value in report.items()))
     return report
 
 
-def _evaluate(evaluate, model, state, writer, step):
-    results = evaluate(model, state["teacher"]["backbone"])
+def _teacher_report(setup, writer):
+    """The frozen teacher: source, size, sharding, and the step's FLOPs per network."""
+    teacher = setup.teacher
+    leaves = jax.tree.leaves(setup.abstract_teacher)
+    sharded = sum(1 for leaf in leaves if not leaf.sharding.is_fully_replicated)
+    by_network = setup.flops_by_network()
+    writer.write(0, {f"flops/{name}": value for name, value in by_network.items()})
+    writer.console(
+        f"frozen teacher: {teacher.source}"
+        + (f" step {teacher.step}, " if teacher.has_heads else ", ")
+        + f"{sum(leaf.size for leaf in leaves):,} parameters ("
+        + ("backbone and heads" if teacher.has_heads else "backbone only: feature distillation")
+        + f"), "
+        f"{sharded} of {len(leaves)} leaves sharded over mesh {dict(setup.mesh.shape)}; "
+        "GFLOP per step: " + ", ".join(f"{name} {value / 1e9:.3g}"
+                                       for name, value in by_network.items())
+        + " (teacher: forward once; students: forward + backward)")
+
+
+def _evaluate(evaluate, setup, state, writer, step):
+    results = {}
+    for prefix, (model, params) in setup.final_models(state).items():
+        results.update({prefix + key: value for key, value in evaluate(model, params).items()})
     writer.write(step, results)
     writer.console(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     return results
@@ -238,8 +267,8 @@ class _CollapseWatch:
         self._train, self._streaks = train, {}
 
     def check(self, step, values):
-        if not self._train.collapse_intervals:
-            return
+        if not self._train.collapse_intervals or "dino/entropy" not in values:
+            return  # off, or a feature-distillation run (its teacher has no heads)
         for head in ("dino", "ibot"):
             entropy, batch = values[f"{head}/entropy"], values[f"{head}/batch_entropy"]
             kind = ("uniform" if entropy >= self._train.collapse_uniform else

@@ -70,19 +70,30 @@ def mean_metrics(history):
     return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
 
 
+# (metric, console name) of the loss terms, in console order; a step logs some of them.
+LOSS_PARTS = (("dino_local_crops_loss", "dino_local"), ("dino_global_crops_loss", "dino_global"),
+              ("ibot_loss", "ibot"), ("koleo_loss", "koleo"), ("feature_cls_loss", "cls"),
+              ("feature_patch_loss", "patch"), ("gram_loss", "gram"))
+
+
 def format_line(step, total, values, seconds_per_step):
     eta = datetime.timedelta(seconds=int(seconds_per_step * (total - step)))
     mfu = values.get("mfu")
-    parts = [
-        f"step {step}/{total}",
-        f"loss {values['total_loss']:.4f} (dino_local {values['dino_local_crops_loss']:.3f} "
-        f"dino_global {values['dino_global_crops_loss']:.3f} ibot {values['ibot_loss']:.3f} "
-        f"koleo {values['koleo_loss']:.3f}"
-        + (f" gram {values['gram_loss']:.4f}" if "gram_loss" in values else "") + ")",
-        f"lr {values['lr']:.3g}",
+    # One student: unprefixed losses; several (distillation.students): NAME/total_loss ...
+    prefixes = sorted(key.removesuffix("total_loss") for key in values
+                      if key.endswith("total_loss"))
+    parts = [f"step {step}/{total}"] + [
+        f"{prefix.replace('/', ' ')}loss {values[prefix + 'total_loss']:.4f} ("
+        + " ".join(f"{short} {values[prefix + key]:.3f}" for key, short in LOSS_PARTS
+                   if prefix + key in values) + ")" for prefix in prefixes] + [
+        f"lr {values[prefixes[0] + 'lr']:.3g}",
         f"t_temp {values['teacher_temp']:.4f}",
-        f"H/logK dino {values['dino/entropy']:.2f}/{values['dino/batch_entropy']:.2f} "
-        f"ibot {values['ibot/entropy']:.2f}/{values['ibot/batch_entropy']:.2f}",
+    ]
+    if "dino/entropy" in values:  # a teacher with heads
+        parts.append(f"H/logK dino {values['dino/entropy']:.2f}/"
+                     f"{values['dino/batch_entropy']:.2f} ibot {values['ibot/entropy']:.2f}/"
+                     f"{values['ibot/batch_entropy']:.2f}")
+    parts += [
         f"{values['img_per_sec']:.1f} img/s",
         f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU n/a",
         f"ETA {eta}",

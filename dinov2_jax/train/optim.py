@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-MODULES = ("backbone", "dino_head", "ibot_head")
+MODULES = ("backbone", "dino_head", "ibot_head", "feature_head")  # feature_head: distill.py
 EMBEDDINGS = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")
 ADAM_EPS = 1e-8
 

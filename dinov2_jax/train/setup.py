@@ -48,6 +48,19 @@ class Setup:
         return flops.train_step_flops(self.networks, self.config, self.config.train.batch_size,
                                       masked_rows)
 
+    def final_models(self, state):
+        """{metric prefix: (model without drop path, params)} of the run's final model: the
+        EMA teacher's backbone, which evaluations and exports use."""
+        return {"": (self.networks.backbone.clone(drop_path_rate=0.0),
+                     state["teacher"]["backbone"])}
+
+    def memory_trees(self, state):
+        return {name: state[name] for name in ("student", "teacher", "opt_state", "gram_teacher")
+                if name in state}
+
+    def parameter_trees(self, state):
+        return {"student": state["student"]}
+
 
 def build(config, mesh):
     """The Setup of `config` on `mesh` (a Mesh, or an AbstractMesh for shapes only)."""

@@ -186,7 +186,8 @@ def _student_loss(networks, config, student, batch, targets, rng, weights, mesh)
     global_out, local_out = networks.backbone.apply(
         {"params": student["backbone"]},
         [_flatten_crops(global_crops), _flatten_crops(local_crops)],
-        [_flatten_crops(batch["masks"]), None], train=True, rngs={"dropout": rng})
+        [None if batch["masks"] is None else _flatten_crops(batch["masks"]), None], train=True,
+        rngs={"dropout": rng})
     global_cls = _unflatten_crops(global_out["x_norm_clstoken"], crops)
     local_cls = _unflatten_crops(local_out["x_norm_clstoken"], n_local)
     patches = _unflatten_crops(global_out["x_norm_patchtokens"], crops)
@@ -240,6 +241,19 @@ def _row_entropies(probs, weights):
             -jnp.sum(mean * jnp.log(jnp.maximum(mean, 1e-30))) / log_k)
 
 
+def teacher_statistics(targets, masks_weight):
+    """The teacher targets' collapse statistics (`_row_entropies`) per head, and the DINO
+    targets' mean entropy in nats."""
+    cls_probs, patch_probs = targets
+    cls_rows = cls_probs.reshape(-1, cls_probs.shape[-1])
+    dino = _row_entropies(cls_rows, jnp.ones(cls_rows.shape[:1], jnp.float32))
+    ibot = _row_entropies(patch_probs.reshape(-1, patch_probs.shape[-1]),
+                          (masks_weight > 0).reshape(-1).astype(jnp.float32))
+    return {"teacher_entropy": _entropy(cls_probs),
+            "dino/entropy": dino[0], "dino/batch_entropy": dino[1],
+            "ibot/entropy": ibot[0], "ibot/batch_entropy": ibot[1]}
+
+
 def make_train_step(networks, config, optimizer, schedules, mesh=None):
     """train_step(state, batch) -> (state, metrics), pure; wrap it in jax.jit.
 
@@ -282,15 +296,8 @@ def make_train_step(networks, config, optimizer, schedules, mesh=None):
             extra_state["gram_teacher"] = gram_teacher if not config.gram.rep_update else (
                 jax.lax.cond(gram_refresh_due(step + 1, config.gram),
                              lambda: teacher["backbone"], lambda: gram_teacher))
-        cls_probs, patch_probs = targets
-        cls_rows = cls_probs.reshape(-1, cls_probs.shape[-1])
-        dino = _row_entropies(cls_rows, jnp.ones(cls_rows.shape[:1], jnp.float32))
-        ibot = _row_entropies(patch_probs.reshape(-1, patch_probs.shape[-1]),
-                              (batch["masks_weight"] > 0).reshape(-1).astype(jnp.float32))
         metrics = {**logged, "loss": loss, "teacher_temp": teacher_temp, "momentum": momentum,
-                   "teacher_entropy": _entropy(cls_probs),
-                   "dino/entropy": dino[0], "dino/batch_entropy": dino[1],
-                   "ibot/entropy": ibot[0], "ibot/batch_entropy": ibot[1],
+                   **teacher_statistics(targets, batch["masks_weight"]),
                    **{f"grad_norm/{name}": optax.global_norm(g) for name, g in grads.items()},
                    **{name: value for name, value in opt_state.hyperparams.items()},
                    **extra_metrics}
