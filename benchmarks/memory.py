@@ -13,6 +13,10 @@ covers every global-crop patch (no masks), in the student's and the teacher's lo
 
   python benchmarks/memory.py                        # ViT-g/14, vitg14 recipe, batch 3072
   python benchmarks/memory.py --config=configs/vitl14.py --batch_size=2048
+  python benchmarks/memory.py --config=configs/dinov3_vit7b16.py:gram   # ViT-7B/16, Gram stage
+
+With DINOv3's Gram anchoring the Gram teacher (a third backbone) is a state row, and its
+forward on the Gram crops and the Gram matrices are activation rows.
   python benchmarks/memory.py --config=configs/vitl14_distilled.py --teacher_config=configs/vitg14.py
 """
 import dataclasses
@@ -124,7 +128,7 @@ def activation_bytes(config, networks, images, teacher_networks=None):
                                     teacher.num_register_tokens)
         rows["teacher forward (transient)"] = (images * teacher_tokens
                                                * (10 * teacher.embed_dim + 3 * teacher_hidden) * a)
-    return {
+    rows = {
         **rows,
         "saved activations": images * depth * kept * a,
         "one block's backward": images * 2 * block_intermediates * a,
@@ -132,6 +136,31 @@ def activation_bytes(config, networks, images, teacher_networks=None):
         "input crops": images * 4 * 3 * (2 * crops.global_crops_size ** 2
                                          + crops.local_crops_number * crops.local_crops_size ** 2),
     }
+    if config.gram.use_loss:
+        rows.update(gram_activation_bytes(config, networks, images))
+    return rows
+
+
+def gram_activation_bytes(config, networks, images):
+    """DINOv3's Gram loss: the Gram teacher's forward (no gradient: one block's intermediates
+    at a time, 2 * T_gram * (10D + 3H) per image, plus its fp32 patch tokens), its crops, and
+    the fp32 similarity matrices of student and teacher and their difference's gradient:
+    3 * 2b * P^2 per image (img_level) or 3 * (2b * P)^2 over the device's batch."""
+    model, crops, a = networks.backbone, config.crops, jnp.dtype(config.student.dtype).itemsize
+    d = model.embed_dim
+    hidden = vit.ffn_hidden_dim(d, model.mlp_ratio, model.ffn_layer)
+    size = crops.gram_teacher_crops_size or crops.global_crops_size
+    gram_tokens = tokens(size, model.patch_size, model.num_register_tokens)
+    patches = (crops.global_crops_size // model.patch_size) ** 2
+    rows = {}
+    if not config.gram.ema_teacher:
+        rows["Gram teacher forward"] = (images * 2 * gram_tokens * (10 * d + 3 * hidden) * a
+                                        + images * 2 * (size // model.patch_size) ** 2 * d * 4)
+    if crops.gram_teacher_crops_size:
+        rows["Gram crops"] = images * 4 * 3 * 2 * size ** 2
+    matrices = 2 * images * patches ** 2 if config.gram.img_level else (2 * images * patches) ** 2
+    rows["Gram matrices"] = 3 * matrices * 4
+    return rows
 
 
 def estimate(config, networks, state, machine, data, fsdp, teacher=None):
@@ -163,6 +192,8 @@ def print_tables(config, networks, state, machines, teacher=None):
               f"{teacher.config.student.patch_size}, {teacher_params / 1e9:.3f}B params (no "
               "gradient, no AdamW); iBOT on every global-crop patch")
     parts = "student + frozen teacher + EMA student" if teacher else "student + teacher"
+    if "gram_teacher" in state:
+        parts += " + Gram teacher"
     print(f"{config.student.arch}/{config.student.patch_size}: {params / 1e9:.3f}B student "
           f"params; {parts} + AdamW + gradients = {total / GB:.1f} GB unsharded; "
           f"global batch {config.train.batch_size}; activations in {config.student.dtype}, "

@@ -20,6 +20,8 @@ from dinov2_jax.errors import ConfigError
 from dinov2_jax.models import attention, rope, vit
 
 CENTERINGS = ("centering", "sinkhorn_knopp", "none")  # "none": an ablation that collapses
+LOSS_FORMS = ("dinov2", "dinov3")  # dino.loss_form
+SCHEDULE_VERSIONS = ("dinov2", "dinov3")  # schedules.version
 
 
 def default_config():
@@ -35,12 +37,34 @@ def default_config():
         pos_embed="learned", rope_base=100.0, rope_min_period=0.0, rope_max_period=0.0,
         rope_normalize="separate", rope_shift=0.0, rope_jitter=0.0, rope_rescale=0.0,
         qkv_bias=True, mask_k_bias=False, layernorm_eps=1e-6, swiglu_unpacked=False,
-        ffn_align=8, untie_local_cls_norm=False)
+        ffn_align=8, untie_local_cls_norm=False, mlp_ratio=4.0)
     c.dino = dict(loss_weight=1.0, head_n_prototypes=65536, head_bottleneck_dim=256,
-                  head_hidden_dim=2048, head_nlayers=3, koleo_loss_weight=0.1)
+                  head_hidden_dim=2048, head_nlayers=3, koleo_loss_weight=0.1,
+                  # DINOv3 objective options (dinov3/train/ssl_meta_arch.py), DINOv2 by
+                  # default. loss_form "dinov3": the mean over crop pairs split by pair counts,
+                  # same-view global pairs left out when global_ignore_diagonal. A schedule is
+                  # () (off) or (start, peak, end, warmup_epochs, cosine_epochs), -1: to the end.
+                  loss_form="dinov2", global_ignore_diagonal=True, local_loss_weight_schedule=(),
+                  koleo_loss_distributed=False, koleo_topk=1,
+                  koleo_distributed_loss_group_size=0)  # images; 0: the global batch
     c.ibot = dict(loss_weight=1.0, mask_sample_probability=0.5, mask_ratio_min_max=(0.1, 0.5),
                   separate_head=False, head_n_prototypes=65536, head_bottleneck_dim=256,
                   head_hidden_dim=2048, head_nlayers=3)
+    # DINOv3's Gram anchoring (dinov3/loss/gram_loss.py, dinov3/train/ssl_meta_arch.py): off.
+    # The Gram teacher is the backbone of the workdir `ckpt`, or the EMA teacher's copied at
+    # step it_load_ema_teacher; with rep_update it is refreshed from the EMA teacher after every
+    # update_frequency-th step from it_first_update on, at most max_updates times (-1: no limit).
+    # ema_teacher: the EMA teacher itself is the Gram teacher (no third network).
+    c.gram = dict(use_loss=False, loss_weight=1.0, loss_weight_schedule=(), ema_teacher=False,
+                  ckpt="", it_load_ema_teacher=-1, rep_update=True, update_frequency=50000,
+                  it_first_update=0, max_updates=-1, normalized=True, img_level=False,
+                  remove_neg=False, remove_only_teacher_neg=False,
+                  global_teacher_resize_antialias=False)
+    # DINOv3's schedules v2 (dinov3/train/cosine_lr_scheduler.py, train.py): version "dinov3"
+    # builds lr / weight decay / momentum / teacher temperature from these blocks, each
+    # (start, peak, end, warmup_epochs, cosine_epochs) as dino.local_loss_weight_schedule; lr
+    # values are DINOv3's, scaled by 4 * sqrt(batch / 1024) (its sqrt_wrt_1024).
+    c.schedules = dict(version="dinov2", lr=(), weight_decay=(), momentum=(), teacher_temp=())
     c.train = dict(
         batch_size=2048, dataset="tfds:imagenet2012:train", centering="centering",
         epoch_length=1250, seed=0, num_workers=-1, max_bad_fraction=0.01,
@@ -69,11 +93,15 @@ def default_config():
                    local_crops_scale=(0.05, 0.32), global_crops_size=224, local_crops_size=96,
                    paper_blur_probs=False,
                    color_jitter=(0.4, 0.4, 0.2, 0.1),  # brightness, contrast, saturation, hue
-                   grayscale_prob=0.2,
+                   grayscale_prob=0.2, horizontal_flips=True,
                    # DINOv3's mixed-resolution batches: ((global_size, local_size, probability),
                    # ...), one drawn per batch from (train.seed, step); empty: every batch at
                    # global_crops_size / local_crops_size (which size the position table).
-                   resolutions=())
+                   resolutions=(),
+                   # DINOv3: the Gram teacher's crops (same boxes as the global crops) at this
+                   # size, 0: it sees the global crops; without distortions: before colour
+                   # jitter, blur and solarize.
+                   gram_teacher_crops_size=0, gram_teacher_no_distortions=False)
     c.evaluation = dict(knn_train="", knn_val="", every=12500, at_start=False, knn_resize=256,
                         batch_size=256,
                         # Dense probes during training (each pair set together); the heads
@@ -274,7 +302,7 @@ def _validate_dinov3_student(config):
     for key in ("qkv_bias", "mask_k_bias", "swiglu_unpacked", "untie_local_cls_norm"):
         if not isinstance(s[key], bool):
             _fail(f"student.{key}", f"{s[key]!r} is not a bool")
-    _positive(config, "student.layernorm_eps", "student.ffn_align")
+    _positive(config, "student.layernorm_eps", "student.ffn_align", "student.mlp_ratio")
     _non_negative(config, "student.rope_shift", "student.rope_min_period",
                   "student.rope_max_period")
     for key in ("rope_jitter", "rope_rescale"):
@@ -323,6 +351,90 @@ def _validate_stages(config):
         _fail("crops.resolutions", f"the probabilities sum to {total}, not 1")
 
 
+def _schedule_block(config, key, allow_empty=True):
+    """A DINOv3 schedule block: () or (start, peak, end, warmup_epochs, cosine_epochs)."""
+    block = tuple(_get(config, key))
+    if not block and allow_empty:
+        return
+    if len(block) != 5 or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                              for v in block):
+        _fail(key, f"{block} is not (start, peak, end, warmup_epochs, cosine_epochs)"
+              + (" or ()" if allow_empty else ""))
+    warmup, cosine = block[3], block[4]
+    if warmup < 0 or (cosine >= 0 and warmup + cosine > config.optim.epochs):
+        _fail(key, f"warmup_epochs={warmup} and cosine_epochs={cosine} must be >= 0 (cosine "
+              f"-1: to the end) and fit in optim.epochs={config.optim.epochs}")
+
+
+def _validate_dinov3_objective(config, device_count):
+    """The DINOv3 options of config.dino, config.gram, config.schedules and the Gram crops."""
+    dino, gram, crops = config.dino, config.gram, config.crops
+    _one_of(config, "dino.loss_form", LOSS_FORMS)
+    _one_of(config, "schedules.version", SCHEDULE_VERSIONS)
+    for key in ("dino.global_ignore_diagonal", "dino.koleo_loss_distributed", "gram.use_loss",
+                "gram.ema_teacher", "gram.rep_update", "gram.normalized", "gram.img_level",
+                "gram.remove_neg", "gram.remove_only_teacher_neg",
+                "gram.global_teacher_resize_antialias", "crops.horizontal_flips",
+                "crops.gram_teacher_no_distortions"):
+        if not isinstance(_get(config, key), bool):
+            _fail(key, f"{_get(config, key)!r} is not a bool")
+    _schedule_block(config, "dino.local_loss_weight_schedule")
+    _schedule_block(config, "gram.loss_weight_schedule")
+    for name in ("lr", "weight_decay", "momentum", "teacher_temp"):
+        if config.schedules.version == "dinov3":
+            _schedule_block(config, f"schedules.{name}", allow_empty=False)
+        elif tuple(config.schedules[name]):
+            _fail(f"schedules.{name}", "is set but schedules.version is 'dinov2' (the optim "
+                  "and teacher keys give the schedules); set schedules.version='dinov3'")
+    if config.schedules.version == "dinov3":
+        lr, wd, momentum, temp = (tuple(config.schedules[n]) for n in
+                                  ("lr", "weight_decay", "momentum", "teacher_temp"))
+        if min(lr[:3] + wd[:3]) < 0:
+            _fail("schedules.lr", "lr and weight decay values must be >= 0")
+        if not all(0 <= v <= 1 for v in momentum[:3]):
+            _fail("schedules.momentum", f"{momentum[:3]} are not in [0, 1]")
+        if not min(temp[:3]) > 0:
+            _fail("schedules.teacher_temp", f"{temp[:3]} must be > 0")
+    _positive(config, "dino.koleo_topk", "gram.update_frequency")
+    _non_negative(config, "dino.koleo_distributed_loss_group_size", "gram.loss_weight",
+                  "gram.it_first_update", "crops.gram_teacher_crops_size")
+    if dino.koleo_loss_distributed:
+        batch, group = config.train.batch_size, dino.koleo_distributed_loss_group_size or None
+        local = batch // device_count
+        if group and (group % local or batch % group):
+            _fail("dino.koleo_distributed_loss_group_size", f"{group} images must be a multiple "
+                  f"of the per-device batch {local} and divide the global batch {batch}")
+        if dino.koleo_topk >= (group or batch):
+            _fail("dino.koleo_topk", f"{dino.koleo_topk} neighbours need groups of more "
+                  f"images, got {group or batch}")
+    if crops.gram_teacher_crops_size % config.student.patch_size:
+        _fail("crops.gram_teacher_crops_size", f"{crops.gram_teacher_crops_size} is not a "
+              f"multiple of student.patch_size={config.student.patch_size}")
+    if not gram.use_loss:
+        if crops.gram_teacher_crops_size:
+            _fail("crops.gram_teacher_crops_size", "is set but gram.use_loss is False")
+        return
+    if gram.remove_neg and gram.remove_only_teacher_neg:
+        _fail("gram.remove_neg", "set at most one of remove_neg and remove_only_teacher_neg")
+    if gram.ema_teacher:
+        if gram.ckpt or gram.it_load_ema_teacher >= 0:
+            _fail("gram.ema_teacher", "the EMA teacher is the Gram teacher: leave gram.ckpt "
+                  "empty and gram.it_load_ema_teacher at -1")
+        if crops.gram_teacher_crops_size:
+            _fail("crops.gram_teacher_crops_size", "must be 0 with gram.ema_teacher (the EMA "
+                  "teacher sees the global crops)")
+    elif not gram.ckpt and gram.it_load_ema_teacher < 0:
+        _fail("gram.ckpt", "the Gram teacher needs a checkpoint (gram.ckpt, a dinov2_jax "
+              "workdir) or gram.it_load_ema_teacher >= 0 (copy the EMA teacher at that step)")
+    elif gram.ckpt and gram.it_load_ema_teacher >= 0:
+        _fail("gram.it_load_ema_teacher", "set gram.ckpt or gram.it_load_ema_teacher, not both")
+    if gram.max_updates < -1:
+        _fail("gram.max_updates", f"{gram.max_updates} must be >= 0, or -1 for no limit")
+    if crops.gram_teacher_crops_size and crops.gram_teacher_crops_size < crops.global_crops_size:
+        _fail("crops.gram_teacher_crops_size", f"{crops.gram_teacher_crops_size} is smaller "
+              f"than crops.global_crops_size={crops.global_crops_size}")
+
+
 def validate(config, device_count, process_count=1):
     """Checks the config before anything is built; raises ConfigError naming the key."""
     unknown = sorted(key for key in set(_flat(config)) - set(_flat(default_config()))
@@ -336,6 +448,7 @@ def validate(config, device_count, process_count=1):
     _one_of(config, "student.remat_policy", vit.REMAT_POLICIES)
     _one_of(config, "student.attention", attention.BACKENDS)
     _validate_dinov3_student(config)
+    _validate_dinov3_objective(config, device_count)
     _one_of(config, "train.centering", CENTERINGS)
     for key in ("student.pack_crops", "student.drop_path_uniform", "ibot.separate_head",
                 "crops.paper_blur_probs", "student.interpolate_antialias",

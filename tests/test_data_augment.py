@@ -266,7 +266,9 @@ def test_spec_from_config_reads_crops_keys():
                                        "local_crops_number": 4, "global_crops_scale": (0.4, 1.0),
                                        "local_crops_scale": (0.1, 0.4), "paper_blur_probs": True,
                                        "color_jitter": (0.3, 0.2, 0.5, 0.4),
-                                       "grayscale_prob": 0.5})
+                                       "grayscale_prob": 0.5, "horizontal_flips": True,
+                                       "gram_teacher_crops_size": 0,
+                                       "gram_teacher_no_distortions": False})
     spec = augment.MultiCropSpec.from_config(crops)
     assert spec.color_jitter == (0.3, 0.2, 0.5, 0.4) and spec.grayscale_prob == 0.5
     defaults = augment.MultiCropSpec.from_config(configs.default_config().crops)

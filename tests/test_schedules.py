@@ -7,6 +7,7 @@ import pytest
 
 utils = pytest.importorskip("dinov2.utils.utils")
 
+from dinov2_jax import configs  # noqa: E402
 from dinov2_jax.train import schedules  # noqa: E402
 
 # The schedules run in float32 (the reference: float64 numpy). Near the end of the cosine the
@@ -24,6 +25,9 @@ def _config(**overrides):
         teacher=dict(momentum_teacher=0.992, final_momentum_teacher=1.0,
                      warmup_teacher_temp=0.04, teacher_temp=0.07,
                      warmup_teacher_temp_epochs=12),
+        # the DINOv3 sections at their defaults (DINOv2 schedules, constant loss weights)
+        **{name: configs.default_config()[name].to_dict() for name in ("dino", "gram",
+                                                                         "schedules")},
     ))
     config.update_from_flattened_dict(overrides)
     return config

@@ -57,6 +57,9 @@ class MultiCropSpec:
     paper_blur_probs: bool
     color_jitter: tuple[float, float, float, float]
     grayscale_prob: float
+    horizontal_flips: bool = True
+    gram_teacher_crops_size: int = 0  # DINOv3: 0, no Gram teacher crops
+    gram_teacher_no_distortions: bool = False
 
     @classmethod
     def from_config(cls, crops) -> "MultiCropSpec":
@@ -69,7 +72,10 @@ class MultiCropSpec:
             local_crops_scale=tuple(crops["local_crops_scale"]),
             paper_blur_probs=bool(crops["paper_blur_probs"]),
             color_jitter=tuple(float(v) for v in crops["color_jitter"]),
-            grayscale_prob=float(crops["grayscale_prob"]))
+            grayscale_prob=float(crops["grayscale_prob"]),
+            horizontal_flips=bool(crops["horizontal_flips"]),
+            gram_teacher_crops_size=int(crops["gram_teacher_crops_size"]),
+            gram_teacher_no_distortions=bool(crops["gram_teacher_no_distortions"]))
 
     @property
     def blur_probs(self) -> tuple[float, float, float]:
@@ -187,10 +193,34 @@ def color_jitter(image: Image.Image, order, factors) -> Image.Image:
 # ---------------------------------------------------------------- the reference's pipelines
 
 
-def _geometric(image: Image.Image, size: int, scale, rng: np.random.Generator) -> Image.Image:
+def _geometric(image: Image.Image, size: int, scale, rng: np.random.Generator,
+               flips: bool = True) -> Image.Image:
     top, left, h, w = random_resized_crop_params(image.width, image.height, scale, rng)
     crop = resized_crop(image, top, left, h, w, size)
+    if not flips:  # DINOv3's horizontal_flips=False: no draw (RandomHorizontalFlip(p=0))
+        return crop
     return hflip(crop) if rng.random() < 0.5 else crop
+
+
+def _resize(image, size: int):
+    """A square PIL image or uint8 array resized to size x size (bicubic), as PIL."""
+    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    return image if image.width == size else image.resize((size, size), Image.BICUBIC)
+
+
+def _global_and_gram_crop(image, spec: MultiCropSpec, blur_prob: float, may_solarize: bool,
+                          rng: np.random.Generator):
+    """DINOv3's global crop with its Gram teacher crop (`dinov3/data/augmentations.py`): one
+    crop box taken at the larger size, then resized to the global size before the distortions
+    (gram_teacher_no_distortions: the Gram crop is the undistorted box) or after them (the Gram
+    crop is the distorted one at its size)."""
+    g, gram = spec.global_crops_size, spec.gram_teacher_crops_size
+    base = _geometric(image, max(g, gram), spec.global_crops_scale, rng, spec.horizontal_flips)
+    if spec.gram_teacher_no_distortions:
+        crop = _photometric(_resize(base, g), spec, blur_prob, may_solarize, rng)
+        return crop, np.asarray(_resize(base, gram))
+    distorted = _photometric(base, spec, blur_prob, may_solarize, rng)
+    return np.asarray(_resize(distorted, g)), np.asarray(_resize(distorted, gram))
 
 
 def _photometric(image: Image.Image, spec: MultiCropSpec, blur_prob: float, may_solarize: bool,
@@ -210,7 +240,9 @@ def _photometric(image: Image.Image, spec: MultiCropSpec, blur_prob: float, may_
 def multi_crop(image, rng: np.random.Generator, spec: MultiCropSpec) -> dict[str, np.ndarray]:
     """DataAugmentationDINO on one RGB image (PIL or uint8 HWC array), without normalisation.
 
-    Returns {"global_crops": (2, G, G, 3) uint8, "local_crops": (n_local, L, L, 3) uint8}.
+    Returns {"global_crops": (2, G, G, 3) uint8, "local_crops": (n_local, L, L, 3) uint8}
+    and, with spec.gram_teacher_crops_size S, "gram_teacher_crops" (2, S, S, 3) uint8: the
+    global crops' boxes at the Gram teacher's size.
     """
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
@@ -218,14 +250,23 @@ def multi_crop(image, rng: np.random.Generator, spec: MultiCropSpec) -> dict[str
     blur_global1, blur_global2, blur_local = spec.blur_probs
     global_crops = np.empty((2, g, g, 3), np.uint8)
     local_crops = np.empty((spec.local_crops_number, l, l, 3), np.uint8)
-    global_crops[0] = _photometric(_geometric(image, g, spec.global_crops_scale, rng), spec,
-                                   blur_global1, False, rng)
-    global_crops[1] = _photometric(_geometric(image, g, spec.global_crops_scale, rng), spec,
-                                   blur_global2, True, rng)
+    flips = spec.horizontal_flips
+    out = {"global_crops": global_crops, "local_crops": local_crops}
+    if spec.gram_teacher_crops_size:
+        gram = spec.gram_teacher_crops_size
+        out["gram_teacher_crops"] = np.empty((2, gram, gram, 3), np.uint8)
+        for c, (blur, may_solarize) in enumerate(((blur_global1, False), (blur_global2, True))):
+            global_crops[c], out["gram_teacher_crops"][c] = _global_and_gram_crop(
+                image, spec, blur, may_solarize, rng)
+    else:
+        global_crops[0] = _photometric(_geometric(image, g, spec.global_crops_scale, rng, flips),
+                                       spec, blur_global1, False, rng)
+        global_crops[1] = _photometric(_geometric(image, g, spec.global_crops_scale, rng, flips),
+                                       spec, blur_global2, True, rng)
     for i in range(spec.local_crops_number):
-        local_crops[i] = _photometric(_geometric(image, l, spec.local_crops_scale, rng), spec,
-                                      blur_local, False, rng)
-    return {"global_crops": global_crops, "local_crops": local_crops}
+        local_crops[i] = _photometric(_geometric(image, l, spec.local_crops_scale, rng, flips),
+                                      spec, blur_local, False, rng)
+    return out
 
 
 @functools.lru_cache(maxsize=16)

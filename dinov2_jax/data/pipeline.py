@@ -17,7 +17,8 @@ The batch, for B = config.train.batch_size / process_count images on this host a
 groups (normally one per local device; B/G images each):
   "global_crops" (2, B, H, W, 3) float32, "local_crops" (n_local, B, h, w, 3) float32,
   "masks" (2, B, N) bool, "mask_indices" (G, U) int32, "masks_weight" (G, U) float32,
-with U the reference's upperbound for B/G images (masking.mask_upperbound).
+with U the reference's upperbound for B/G images (masking.mask_upperbound); with DINOv3's
+crops.gram_teacher_crops_size S also "gram_teacher_crops" (2, B, S, S, 3) float32.
 
 Bad records (unreadable, corrupt, truncated, zero-byte, undecodable) are logged with their
 key (the file path or source[index]) and counted; the counts live in the iterator state
@@ -260,7 +261,7 @@ class TrainCollate(_FloatBatches):
                                                self._mask_probability, generator, rng)
             masks[:, g * group:(g + 1) * group] = group_masks.reshape(2, group, n_tokens)
             mask_indices[g], masks_weight[g] = masking.padded_mask_indices(group_masks, upperbound)
-        return {
+        batch = {
             "global_crops": self._normalized_stack([r["global_crops"] for r in records], axis=1),
             "local_crops": self._normalized_stack([r["local_crops"] for r in records], axis=1),
             "masks": masks,
@@ -268,6 +269,10 @@ class TrainCollate(_FloatBatches):
             "masks_weight": masks_weight,
             BAD_KEY: [bad for r in records for bad in r["bad"]],
         }
+        if "gram_teacher_crops" in records[0]:  # DINOv3's crops.gram_teacher_crops_size
+            batch["gram_teacher_crops"] = self._normalized_stack(
+                [r["gram_teacher_crops"] for r in records], axis=1)
+        return batch
 
 
 def _host(process_index, process_count) -> tuple[int, int]:

@@ -517,7 +517,7 @@ def backbone_from_config(config):
     sizes = {k: student[k] for k in ("embed_dim", "depth", "num_heads") if student[k]}
     dinov3 = {k: student[k] for k in ("pos_embed", "rope_base", "rope_normalize", "qkv_bias",
                                       "mask_k_bias", "layernorm_eps", "swiglu_unpacked",
-                                      "ffn_align", "untie_local_cls_norm")}
+                                      "ffn_align", "untie_local_cls_norm", "mlp_ratio")}
     dinov3.update({k: student[k] or None for k in ("rope_min_period", "rope_max_period",
                                                    "rope_shift", "rope_jitter", "rope_rescale")})
     return build_backbone(

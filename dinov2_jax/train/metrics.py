@@ -73,7 +73,7 @@ def mean_metrics(history):
 # (metric, console name) of the loss terms, in console order; a step logs some of them.
 LOSS_PARTS = (("dino_local_crops_loss", "dino_local"), ("dino_global_crops_loss", "dino_global"),
               ("ibot_loss", "ibot"), ("koleo_loss", "koleo"), ("feature_cls_loss", "cls"),
-              ("feature_patch_loss", "patch"))
+              ("feature_patch_loss", "patch"), ("gram_loss", "gram"))
 
 
 def format_line(step, total, values, seconds_per_step):

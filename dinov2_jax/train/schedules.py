@@ -3,7 +3,9 @@
 `make_schedules(config)` returns the learning rate, last-layer learning rate, weight decay,
 teacher EMA momentum and teacher temperature, each a jit-able function step -> float32 value
 equal to the reference's `CosineScheduler` array at that iteration (and its final value past
-the end).
+the end), or with `schedules.version="dinov3"` DINOv3's warm-up / cosine / constant schedules
+(`dinov3/train/train.py:build_schedulers_v2`); and the DINOv3 loss weights of the local-crop
+DINO term and of the Gram loss (constants unless a schedule block is set).
 """
 import math
 from typing import Callable, NamedTuple
@@ -18,6 +20,8 @@ class Schedules(NamedTuple):
     weight_decay: Callable
     momentum: Callable
     teacher_temp: Callable
+    dino_local_weight: Callable = None  # DINOv3's dino.local_loss_weight_schedule, else 1
+    gram_weight: Callable = None  # DINOv3's gram.loss_weight_schedule, else gram.loss_weight
 
 
 def cosine_schedule(base_value, final_value, total_steps, warmup_steps=0,
@@ -60,9 +64,23 @@ def make_schedules(config):
     """
     optim, teacher, epoch_length = config.optim, config.teacher, config.train.epoch_length
     total_steps = optim.epochs * epoch_length
+    freeze_steps = optim.freeze_last_layer_epochs * epoch_length
+    weights = _loss_weights(config, epoch_length, total_steps)
+    if config.schedules.version == "dinov3":
+        blocks = config.schedules
+        # DINOv3's sqrt_wrt_1024 has a factor 4 that DINOv2's base_lr holds (0.004 = 4 x 0.001)
+        factor = 4 * scaled_lr(1.0, config.train.batch_size, optim.scaling_rule)
+        start, peak, end, warmup, cosine = blocks.lr
+        lr = weight_schedule(dict(start=start * factor, peak=peak * factor, end=end * factor,
+                                  warmup_epochs=warmup, cosine_epochs=cosine),
+                             epoch_length, total_steps)
+        block = lambda name: weight_schedule(_block_dict(blocks[name]), epoch_length, total_steps)
+        return Schedules(
+            lr=lr, last_layer_lr=lambda step: jnp.where(step < freeze_steps, 0.0, lr(step)),
+            weight_decay=block("weight_decay"), momentum=block("momentum"),
+            teacher_temp=block("teacher_temp"), **weights)
     peak_lr = scaled_lr(optim.base_lr, config.train.batch_size, optim.scaling_rule)
     lr = cosine_schedule(peak_lr, optim.min_lr, total_steps, optim.warmup_epochs * epoch_length)
-    freeze_steps = optim.freeze_last_layer_epochs * epoch_length
     teacher_warmup_steps = teacher.warmup_teacher_temp_epochs * epoch_length
     return Schedules(
         lr=lr,
@@ -73,7 +91,23 @@ def make_schedules(config):
         teacher_temp=cosine_schedule(teacher.teacher_temp, teacher.teacher_temp,
                                      teacher_warmup_steps, teacher_warmup_steps,
                                      teacher.warmup_teacher_temp),
+        **weights,
     )
+
+
+def _block_dict(block):
+    """(start, peak, end, warmup_epochs, cosine_epochs) -> the weight_schedule dict."""
+    return dict(zip(("start", "peak", "end", "warmup_epochs", "cosine_epochs"), block))
+
+
+def _loss_weights(config, epoch_length, total_steps):
+    """The local-crop DINO weight and the Gram weight: schedules or constants."""
+    def weight(block, constant):
+        if tuple(block):
+            return weight_schedule(_block_dict(block), epoch_length, total_steps)
+        return optax.constant_schedule(constant)
+    return dict(dino_local_weight=weight(config.dino.local_loss_weight_schedule, 1.0),
+                gram_weight=weight(config.gram.loss_weight_schedule, config.gram.loss_weight))
 
 
 def warmup_cosine_constant(start, peak, end, warmup_steps, total_steps, cosine_steps=None):

@@ -39,7 +39,7 @@ class Setup:
     def train_step(self, batch_shardings):
         """The jitted train step for batches with `batch_shardings`; donates the state."""
         step = step_lib.make_train_step(self.networks, self.config, self.optimizer,
-                                        self.schedules)
+                                        self.schedules, mesh=self.mesh)
         return jax.jit(step, in_shardings=(self.state_shardings, batch_shardings),
                        out_shardings=(self.state_shardings, None), donate_argnums=0)
 
@@ -55,7 +55,8 @@ class Setup:
                      state["teacher"]["backbone"])}
 
     def memory_trees(self, state):
-        return {name: state[name] for name in ("student", "teacher", "opt_state")}
+        return {name: state[name] for name in ("student", "teacher", "opt_state", "gram_teacher")
+                if name in state}
 
     def parameter_trees(self, state):
         return {"student": state["student"]}
@@ -71,14 +72,31 @@ def build(config, mesh):
     rng = jax.random.PRNGKey(config.train.seed)
     optimizer = optim.make_optimizer(config, jax.eval_shape(fresh, rng), schedules)
 
+    gram_teacher = _gram_teacher(config, jax.eval_shape(fresh, rng)["backbone"])
+
     def init_state(rng):
-        return state_lib.create_train_state(networks, config, optimizer, rng, init_student(rng))
+        return state_lib.create_train_state(networks, config, optimizer, rng, init_student(rng),
+                                            gram_teacher)
 
     abstract = jax.eval_shape(init_state, rng)
     shardings = parallel.state_shardings(abstract, mesh, config.mesh)
     abstract = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
                             abstract, shardings)
     return Setup(config, mesh, networks, schedules, optimizer, init_state, abstract, shardings)
+
+
+def _gram_teacher(config, expected):
+    """The Gram teacher's backbone from gram.ckpt (strict shapes), or None."""
+    if not (state_lib.has_gram_teacher(config) and config.gram.ckpt):
+        return None
+    _, backbone = weights.load(config.gram.ckpt)
+    difference = checkpoint_lib.first_difference(
+        jax.tree.map(lambda x: str(np.shape(x)), expected),
+        jax.tree.map(lambda x: str(np.shape(x)), backbone))
+    if difference:
+        raise configs.ConfigError(f"config error at gram.ckpt: {config.gram.ckpt} does not "
+                                  f"match student.arch: {difference}")
+    return jax.tree.map(lambda x, e: np.asarray(x, e.dtype), backbone, expected)
 
 
 def _pretrained_student(fresh, config, rng):

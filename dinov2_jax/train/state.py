@@ -3,8 +3,10 @@
 `build_networks(config)` makes the student/teacher backbone and heads (one set of modules: the
 teacher is the same modules with other params and no drop path). The train state is a plain
 dict pytree: `step`, `student` and `teacher` params ({backbone, dino_head[, ibot_head]}),
-`opt_state`, and the fp32 `centers` ({dino, ibot}) of softmax centering. Randomness is derived
-from `config.train.seed` and the step, so the state carries no RNG.
+`opt_state`, and the fp32 `centers` ({dino, ibot}) of softmax centering; with DINOv3's Gram
+anchoring (`gram.use_loss`, unless `gram.ema_teacher`) also `gram_teacher`, a third backbone
+(no heads) that the step copies from the EMA teacher or that comes from `gram.ckpt`. Randomness
+is derived from `config.train.seed` and the step, so the state carries no RNG.
 """
 from typing import NamedTuple
 
@@ -55,11 +57,19 @@ def init_student(networks, config, rng):
     return params
 
 
-def create_train_state(networks, config, optimizer, rng, student=None):
-    """Step 0: teacher == student, optimizer state, zero centers."""
+def has_gram_teacher(config):
+    """Whether the state holds a Gram teacher: only when the Gram loss is on and the Gram
+    teacher is not the EMA teacher itself (no memory cost otherwise)."""
+    return config.gram.use_loss and not config.gram.ema_teacher
+
+
+def create_train_state(networks, config, optimizer, rng, student=None, gram_teacher=None):
+    """Step 0: teacher == student, optimizer state, zero centers; the Gram teacher is
+    `gram_teacher` (from gram.ckpt) or, until the step copies the EMA teacher into it, the
+    step-0 teacher's backbone."""
     if student is None:
         student = init_student(networks, config, rng)
-    return {
+    state = {
         "step": jnp.zeros((), jnp.int32),
         "student": student,
         "teacher": jax.tree.map(jnp.copy, student),
@@ -67,6 +77,10 @@ def create_train_state(networks, config, optimizer, rng, student=None):
         "centers": {"dino": jnp.zeros((config.dino.head_n_prototypes,), jnp.float32),
                     "ibot": jnp.zeros((networks.patch_head().out_dim,), jnp.float32)},
     }
+    if has_gram_teacher(config):
+        state["gram_teacher"] = jax.tree.map(
+            jnp.copy, student["backbone"] if gram_teacher is None else gram_teacher)
+    return state
 
 
 def ema_update(teacher, student, momentum):
