@@ -535,6 +535,10 @@ def _validate_distillation(config, device_count, process_count):
         if d.students:
             _fail("distillation.students", "students need a teacher: set distillation.teacher")
         return
+    for key in ("gram.use_loss", "dino.koleo_loss_distributed", "train.freeze_backbone_steps",
+                "train.init_from"):
+        if _get(config, key):
+            _fail(key, "is not an option of distillation runs (train/distill.py): turn it off")
     if config.student.drop_path_rate:
         _fail("student.drop_path_rate", f"{config.student.drop_path_rate}: a distilled student "
               "trains without stochastic depth (the DINOv2 paper's distillation); set 0.0")

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 param_groups_ref = pytest.importorskip("dinov2.utils.param_groups")
 utils = pytest.importorskip("dinov2.utils.utils")
 
+from dinov2_jax import configs  # noqa: E402
 from dinov2_jax.train import optim, schedules  # noqa: E402
 
 
@@ -144,6 +145,9 @@ def _config(epoch_length=1):
                    scaling_rule="sqrt_wrt_1024"),
         teacher=dict(momentum_teacher=0.992, final_momentum_teacher=1.0,
                      warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=2),
+        # the DINOv3 sections at their defaults (DINOv2 schedules, constant loss weights)
+        **{name: configs.default_config()[name].to_dict() for name in ("dino", "gram",
+                                                                         "schedules")},
     ))
 
 

@@ -146,9 +146,10 @@ def make_distill_step(teacher, students, config, schedules):
         batch = unmasked_batch(batch, config.student.patch_size)
         rng = jax.random.fold_in(base_rng, step)
         metrics = {"teacher_temp": teacher_temp, "momentum": momentum}
+        loss_weights = {"dino_local": schedules.dino_local_weight(step)}
         if teacher.has_heads:
-            targets, centers = step_lib._teacher_targets(teacher.networks, config, teacher_params,
-                                                         state["centers"], batch, teacher_temp)
+            targets, centers, _ = step_lib._teacher_targets(
+                teacher.networks, config, teacher_params, state["centers"], batch, teacher_temp)
             metrics.update(step_lib.teacher_statistics(targets, batch["masks_weight"]))
         else:
             features, centers = _teacher_features(teacher, teacher_params, batch), {}
@@ -156,7 +157,8 @@ def make_distill_step(teacher, students, config, schedules):
         for name, slot in _slots(state, names).items():
             student = students[name]
             loss_fn = (functools.partial(step_lib._student_loss, student.networks,
-                                         student.config, batch=batch, targets=targets, rng=rng)
+                                         student.config, batch=batch, targets=targets, rng=rng,
+                                         weights=loss_weights, mesh=None)
                        if teacher.has_heads else
                        functools.partial(_feature_loss, student, batch=batch,
                                          teacher_features=features, rng=rng))
