@@ -1,6 +1,7 @@
 """The demo: a tiny ViT (patch 8, 96 wide, 4 blocks) on the embedded demo dataset.
 
-1,500 steps of 64 images, no download, about 9 minutes on 2 CPU cores (1,030 s of CPU time).
+1,500 steps of 64 images, no download, 8.6 minutes on a quiet 2-core machine (1,020-1,030 s of
+CPU time).
 k-NN on the held-out split at the start (random init) and at the end: top-1 12.0 -> 22.8
 (chance is 10%). The teacher's DINO targets stay sharp and spread over the prototypes to the
 end: per-image entropy 0.31 log K and batch-mean entropy 0.54 log K at step 1,500 (metrics
@@ -60,7 +61,7 @@ in DINOv3's pair-mean form (equal to DINOv2's with same-view pairs left out), an
 anchoring from step 750 on: the EMA teacher of that step is copied into the Gram teacher
 inside the jitted step, and the per-image Gram loss (weight 1) then holds the student's
 patch similarities near it. Measured on a loaded 2-core machine (40 min wall there; 1,331 s of
-CPU time against the plain demo's 1,030 s, so about 6.5 minutes where the plain demo takes 5):
+CPU time against the plain demo's 1,030 s, so about 11 minutes where the plain demo takes 8.6):
 k-NN top-1 9.8 at random init -> 21.4 at step 1,500; the Gram loss 0.0345 in its first logged
 interval after the copy -> 0.0230 at the end; DINO per-image / batch-mean entropy 0.25 / 0.49
 log K. With 1,000 steps and the copy at step 500 it gained only 7.8 points (9.8 -> 17.6).
