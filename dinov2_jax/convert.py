@@ -50,6 +50,7 @@ def main(argv=None):
     print(f"loaded {args.input}: {vit.count_params(params):,} parameters", file=sys.stderr)
     if args.format:
         weights.export(model, params, args.output, args.format)
+        print(f"{args.format}: {vit.export_agreement(model, args.format)}", file=sys.stderr)
     else:
         weights.save(args.output, model, params)
     print(f"wrote {args.output}", file=sys.stderr)

@@ -172,12 +172,21 @@ def _network_of_run(config, network, student, path):
     return configs.distillation_student(config, student), network, ("students", student)
 
 
-def load(path, arch=None, network=None, student=None):
+def load(path, arch=None, network=None, student=None, interpolation=None):
     """(model, params) from a weights dir, a training workdir/checkpoint, or a torch file.
 
     `arch` (a hub name like `vitl14` or a size like `vit_large`) is needed for torch files;
-    `network` and `student` pick a network of a training checkpoint (`load_checkpoint`).
+    `network` and `student` pick a network of a training checkpoint (`load_checkpoint`);
+    `interpolation` ('hub', 'timm', 'hf') resizes the position table as that export target
+    does (`vit.with_export_interpolation`) instead of as the model was trained.
     """
+    model, params = _load(path, arch, network, student)
+    if interpolation is not None:
+        model = vit.with_export_interpolation(model, interpolation)
+    return model, params
+
+
+def _load(path, arch, network, student):
     path = epath.Path(path)
     if not path.exists():
         raise ConfigError(f"weights {path} do not exist")

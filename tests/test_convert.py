@@ -197,6 +197,7 @@ def test_cli_round_trip_is_bit_identical(tmp_path):
     result = _cli("--input", str(tmp_path / "jax"), "--output", str(tmp_path / "out.pth"),
                   "--format", "hub")
     assert result.returncode == 0, result.stderr
+    assert "hub: features agree at every input size that is a multiple of 14" in result.stderr
     exported = torch.load(tmp_path / "out.pth", weights_only=True)
     fresh = vit_small(patch_size=14, img_size=518, init_values=1.0, block_chunks=0)
     fresh.load_state_dict(exported, strict=True)
@@ -208,3 +209,85 @@ def test_cli_round_trip_is_bit_identical(tmp_path):
         convert.main(["convert", "--input", str(tmp_path / "in.pth"), "--arch", "vitb14",
                       "--output", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
+
+
+def _exported_forward(target, model, params, tmp_path):
+    """A function images -> (B, T, D) tokens of `model` exported to `target` and strictly
+    loaded by that library (hub: the official DinoVisionTransformer; timm with
+    dynamic_img_size; HF from_pretrained)."""
+    registers = model.num_register_tokens
+    if target == "hub":  # the PyPI dinov2 package: no registers, offset-0.1 resizing
+        from dinov2.models.vision_transformer import DinoVisionTransformer
+        net = DinoVisionTransformer(img_size=model.img_size, patch_size=14, embed_dim=64,
+                                    depth=2, num_heads=4, init_values=1.0, block_chunks=0)
+        weights.export(model, params, str(tmp_path / "hub.pth"), "hub")
+        net.load_state_dict(torch.load(tmp_path / "hub.pth", weights_only=True), strict=True)
+
+        def tokens(pixels):
+            out = net.forward_features(pixels)
+            return torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_patchtokens"]], 1)
+    elif target == "timm":
+        from safetensors.torch import load_file
+        net = timm.create_model(
+            "vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch14_dinov2",
+            pretrained=False, img_size=model.img_size, depth=2, embed_dim=64, num_heads=4,
+            dynamic_img_size=True)
+        weights.export(model, params, str(tmp_path / "timm.safetensors"), "timm")
+        net.load_state_dict(load_file(str(tmp_path / "timm.safetensors")), strict=True)
+        tokens = net.forward_features
+    else:
+        weights.export(model, params, str(tmp_path / "hf"), "hf")
+        cls = transformers.Dinov2WithRegistersModel if registers else transformers.Dinov2Model
+        net = cls.from_pretrained(str(tmp_path / "hf"))
+        tokens = lambda pixels: net(pixel_values=pixels).last_hidden_state  # noqa: E731
+    net.eval()
+
+    def forward(images):
+        with torch.no_grad():
+            return tokens(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    return forward
+
+
+# The official package on PyPI predates registers, so the hub's `_reg` constructors (by size,
+# antialiased: `vit.EXPORT_INTERPOLATIONS`) are checked through HF's Dinov2WithRegistersModel,
+# which resizes the same way, and timm.
+@pytest.mark.parametrize("trained_as,target", [("default", "hub"), ("default", "timm"),
+                                               ("default", "hf"), ("vits14_reg", "timm"),
+                                               ("vits14_reg", "hf")])
+def test_exports_agree_where_they_say_and_the_interpolation_option_reproduces_them(
+        tmp_path, target, trained_as):
+    """README, Weights (the table): a model's export to each target gives its features at the
+    position table's own grid; elsewhere exactly when the target resizes the table the model's
+    way, as `vit.export_agreement` says; and `--interpolation TARGET`
+    (`vit.with_export_interpolation`) reproduces the exported model at every size. A model
+    trained with the config defaults (offset 0.1, no registers) and one with the `_reg` hub
+    settings. Tolerance 1e-4 max abs (fp32 summation order, as above); a disagreement is
+    > 1e-3."""
+    hub = vit.HUB_MODELS["vits14_reg"] if trained_as == "vits14_reg" else {}
+    model = vit.DinoVisionTransformer(
+        embed_dim=64, depth=2, num_heads=4, patch_size=14, img_size=112, layerscale=1.0,
+        num_register_tokens=hub.get("num_register_tokens", 0),
+        interpolate_offset=hub.get("interpolate_offset", configs.default_config().student
+                                   .interpolate_offset),
+        interpolate_antialias=hub.get("interpolate_antialias", False))
+    params = random_params(model)
+    forward = _exported_forward(target, model, params, tmp_path)
+    everywhere = "every input size" in vit.export_agreement(model, target)
+    registers = model.num_register_tokens
+    matched = vit.with_export_interpolation(model, target)
+    for height, width in [(112, 112), (84, 140), (154, 154)]:
+        images = np.random.randn(2, height, width, 3).astype(np.float32)
+        theirs = forward(images)
+        ours = model.apply({"params": params}, jnp.asarray(images))
+        gap = max(np.abs(np.asarray(ours["x_norm_clstoken"]) - theirs[:, 0]).max(),
+                  np.abs(np.asarray(ours["x_norm_patchtokens"]) - theirs[:, 1 + registers:]).max())
+        if everywhere or (height, width) == (112, 112):
+            assert gap < 1e-4, (height, width, gap)
+        else:
+            assert gap > 1e-3, (height, width, gap)
+        _compare(matched.apply({"params": params}, jnp.asarray(images)), theirs, registers)
+    # The weights CLI path: load(..., interpolation=) is the same model.
+    weights.save(str(tmp_path / "ours"), model, params)
+    loaded, _ = weights.load(str(tmp_path / "ours"), interpolation=target)
+    assert (loaded.interpolate_offset, loaded.interpolate_antialias) == (
+        matched.interpolate_offset, matched.interpolate_antialias)

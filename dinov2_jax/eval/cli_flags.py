@@ -1,7 +1,7 @@
 """Command-line pieces the evaluation CLIs and the features CLI share (`dinov2_jax.cli` flags).
 
-`define_model_flags` declares the backbone flags (--weights, --arch, --network, --dtype,
---size, --batch_size, --num_workers) on a CLI's fresh FlagValues, `define_eval_flags` adds
+`define_model_flags` declares the backbone flags (--weights, --arch, --network, --student,
+--interpolation, --dtype, --size, --batch_size, --num_workers) on a CLI's fresh FlagValues, `define_eval_flags` adds
 --resize_size and --output (a results JSON file), `define_source_flags` the data sources;
 `load_model` reads the backbone the flags name, `number_list` parses a comma-separated flag,
 and `report` prints results and writes them with the run's context.
@@ -18,7 +18,8 @@ from dinov2_jax.models import vit
 
 
 def define_model_flags(flag_values, *, size=224, batch_size=256):
-    """--weights, --arch, --network, --dtype, --size, --batch_size, --num_workers."""
+    """--weights, --arch, --network, --student, --interpolation, --dtype, --size, --batch_size,
+    --num_workers."""
     flags.DEFINE_string("weights", None, "dinov2_jax weights dir, training workdir, or torch "
                         ".pth/.safetensors file", required=True, flag_values=flag_values)
     flags.DEFINE_string("arch", None, "hub name (vits14, vitl14_reg, ...) or size (vit_large); "
@@ -27,6 +28,10 @@ def define_model_flags(flag_values, *, size=224, batch_size=256):
                       "(default: the run's final model)", flag_values=flag_values)
     flags.DEFINE_string("student", None, "student name of a multi-student distillation run",
                         flag_values=flag_values)
+    flags.DEFINE_enum("interpolation", None, sorted(vit.EXPORT_INTERPOLATIONS),
+                      "resize the position embedding as this export target does (default: as "
+                      "the model was trained), to reproduce an exported model's features at "
+                      "other input sizes", flag_values=flag_values)
     flags.DEFINE_enum("dtype", "float32", vit.DTYPES, "compute dtype of the backbone",
                       flag_values=flag_values)
     flags.DEFINE_integer("size", size, "center-crop size in pixels (a multiple of the patch "
@@ -54,7 +59,7 @@ def define_source_flags(flag_values, **helps):
 def load_model(flag_values):
     """(model, params) named by --weights/--arch/--network; --size checked against the patch."""
     model, params = weights.load(flag_values.weights, flag_values.arch, flag_values.network,
-                                   flag_values.student)
+                                   flag_values.student, flag_values.interpolation)
     if flag_values.size % model.patch_size:
         raise ConfigError(f"--size {flag_values.size} is not a multiple of the patch size "
                           f"{model.patch_size}")

@@ -2,9 +2,12 @@
 
   python -m dinov2_jax.eval.features --weights DIR|X.pth --arch ARCH --input PATH
       --output feats.npz [--size 224] [--batch_size N] [--dtype float32|bfloat16]
+      [--interpolation hub|timm|hf]
 
 --weights is a dinov2_jax weights dir, a training workdir, or a PyTorch .pth/.safetensors
 (official hub, timm or HF layout; --arch, e.g. vitl14_reg, is needed for those).
+--interpolation resizes the position embedding as that export target does, to reproduce the
+features of a model exported there at input sizes other than its own (README, Weights).
 --input is either
   - an image folder (searched recursively): each image goes through the reference's eval
     transform, short side resized to size*256/224 (bicubic), center crop to --size,
