@@ -136,6 +136,37 @@ def test_sigterm_saves_exits_0_and_resumes_identically(uninterrupted, tmp_path):
     _assert_same_run(uninterrupted, workdir, TOTAL_STEPS)
 
 
+def test_a_gram_run_resumes_its_frozen_gram_teacher_from_the_checkpoint(tmp_path):
+    """Gram anchoring (demo:tiny, 16 steps): the EMA teacher is copied into the Gram teacher at
+    step 4, which then stays frozen while the teacher moves on. A rerun from checkpoint 8 (the
+    later ones removed, as after a crash) must restore that copy, not copy again nor rebuild
+    it, so its step-16 state (Gram teacher included) and losses equal the uninterrupted run."""
+    gram = ["--config=configs/demo.py:tiny", "--config.optim.epochs=4",
+            "--config.train.checkpoint_every=4", "--config.train.keep_checkpoints=10",
+            "--config.gram.use_loss=True", "--config.gram.it_load_ema_teacher=4",
+            "--config.gram.rep_update=False"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    result = _python("-m", "dinov2_jax.main", *gram, f"--workdir={full}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _committed_steps(full) == [4, 8, 12, 16]
+    shutil.copytree(full, resumed)
+    for step in (12, 16):
+        shutil.rmtree(resumed / "checkpoints" / str(step))
+    result = _python("-m", "dinov2_jax.main", *gram, f"--workdir={resumed}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 8" in result.stdout
+    at_8 = _state(full, 8)
+    gram_teacher = jax.tree.leaves(at_8["gram_teacher"])
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(gram_teacher, jax.tree.leaves(at_8["teacher"]["backbone"])))
+    _assert_same_run(full, resumed, 16)
+    for a, b in zip(jax.tree.leaves(_state(full, 16)["gram_teacher"]),
+                    jax.tree.leaves(_state(resumed, 16)["gram_teacher"])):
+        np.testing.assert_array_equal(a, b)
+    gram_losses = [json.loads(line).get("gram_loss") for line in open(resumed / "metrics.jsonl")]
+    assert any(loss for loss in gram_losses if loss), gram_losses
+
+
 def test_truncated_checkpoint_is_skipped_with_a_warning(uninterrupted, tmp_path):
     workdir = str(tmp_path / "truncated")
     shutil.copytree(uninterrupted, workdir)
