@@ -26,7 +26,8 @@ import pytest  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~30 s on 2 CPU cores")
+    config.addinivalue_line("markers", "slow: takes more than ~30 s on 2 CPU cores; CI leaves it "
+                            "out, `pytest -m slow` runs it (README, Tests)")
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
