@@ -1,8 +1,9 @@
 """Command-line pieces the evaluation CLIs and the features CLI share (`dinov2_jax.cli` flags).
 
 `define_model_flags` declares the backbone flags (--weights, --arch, --network, --student,
---interpolation, --dtype, --size, --batch_size, --num_workers) on a CLI's fresh FlagValues, `define_eval_flags` adds
---resize_size and --output (a results JSON file), `define_source_flags` the data sources;
+--interpolation, --dtype, --size, --batch_size, --num_workers) on a CLI's fresh FlagValues,
+`define_eval_flags` adds --resize_size and --output (a results JSON file),
+`define_source_flags` the data sources;
 `load_model` reads the backbone the flags name, `number_list` parses a comma-separated flag,
 and `report` prints results and writes them with the run's context.
 """

@@ -69,38 +69,16 @@ POS_EMBEDS = ("learned", "rope")
 
 # How each export target resizes a learned position table for inputs other than its own grid,
 # as (interpolate_offset, interpolate_antialias) by whether the model has registers:
-# the official hub constructors (dinov2/hub/backbones.py), timm's `resample_abs_pos_embed`
+# the official hub constructors (their HUB_MODELS entries), timm's `resample_abs_pos_embed`
 # (by size, antialiased) and Hugging Face's `interpolate_pos_encoding` (by size; antialiased
 # only in Dinov2WithRegistersModel). RoPE models have no table: every target agrees.
 EXPORT_INTERPOLATIONS = {
-    "hub": {False: (0.1, False), True: (0.0, True)},
+    "hub": {registers: (HUB_MODELS[name]["interpolate_offset"],
+                        HUB_MODELS[name]["interpolate_antialias"])
+            for registers, name in ((False, "vits14"), (True, "vits14_reg"))},
     "timm": {False: (0.0, True), True: (0.0, True)},
     "hf": {False: (0.0, False), True: (0.0, True)},
 }
-
-
-def with_export_interpolation(model, target):
-    """`model` resizing its position table as export target `target` ('hub', 'timm' or 'hf')
-    does, so that it reproduces the exported model's features at any input size."""
-    if target not in EXPORT_INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation {target!r}; expected one of "
-                         f"{sorted(EXPORT_INTERPOLATIONS)}")
-    offset, antialias = EXPORT_INTERPOLATIONS[target][model.num_register_tokens > 0]
-    return model.clone(interpolate_offset=offset, interpolate_antialias=antialias)
-
-
-def export_agreement(model, target):
-    """Where the features of `model` exported to `target` agree with `model`'s: a sentence."""
-    patch = model.patch_size
-    if model.pos_embed == "rope":
-        return f"features agree at every input size that is a multiple of {patch}"
-    own = (model.interpolate_offset, model.interpolate_antialias)
-    if own == EXPORT_INTERPOLATIONS[target][model.num_register_tokens > 0]:
-        return f"features agree at every input size that is a multiple of {patch}"
-    side = model.img_size // patch * patch
-    return (f"features agree at {side}x{side} only (the position table's own grid); at other "
-            f"sizes {target} resizes the table its own way: load it with --interpolation "
-            f"{target} to reproduce its features")
 
 FFN_LAYERS = ("mlp", "swiglu")
 DTYPES = ("float32", "bfloat16")  # compute dtypes by name (`jnp.dtype(name)`)
@@ -539,6 +517,30 @@ def build_backbone(arch, **overrides):
         raise ValueError(f"unknown arch {arch!r}; expected one of "
                          f"{sorted(ARCHS) + sorted(HUB_MODELS)}")
     return DinoVisionTransformer(**{**ARCHS[arch], **kwargs, **overrides})
+
+
+def with_export_interpolation(model, target):
+    """`model` resizing its position table as export target `target` ('hub', 'timm' or 'hf')
+    does, so that it reproduces the exported model's features at any input size."""
+    if target not in EXPORT_INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {target!r}; expected one of "
+                         f"{sorted(EXPORT_INTERPOLATIONS)}")
+    offset, antialias = EXPORT_INTERPOLATIONS[target][model.num_register_tokens > 0]
+    return model.clone(interpolate_offset=offset, interpolate_antialias=antialias)
+
+
+def export_agreement(model, target):
+    """Where the features of `model` exported to `target` agree with `model`'s: a sentence."""
+    patch = model.patch_size
+    matched = with_export_interpolation(model, target)
+    if model.pos_embed == "rope" or (
+            (model.interpolate_offset, model.interpolate_antialias)
+            == (matched.interpolate_offset, matched.interpolate_antialias)):
+        return f"features agree at every input size that is a multiple of {patch}"
+    side = model.img_size // patch * patch
+    return (f"features agree at {side}x{side} only (the position table's own grid); at other "
+            f"sizes {target} resizes the table its own way: load it with --interpolation "
+            f"{target} to reproduce its features")
 
 
 def backbone_from_config(config):
